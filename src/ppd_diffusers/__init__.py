@@ -1,0 +1,53 @@
+"""ppd-diffusers: Personalized Preference fine-tuning of Diffusion models (PPD) for Stable Cascade.
+
+Public names are imported lazily (PEP 562), so ``import ppd_diffusers`` costs nothing until a name is
+used; training-only and evaluation-only code is never imported by the package itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = version("ppd-diffusers")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+# public name -> submodule that defines it
+_LAZY_NAMES = {
+    "UserAdapter": "adapter",
+    "UserKeyValues": "adapter",
+    "PersonalizedStageC": "personalized_unet",
+    "decoupled_attention": "attention",
+    "PPDLoss": "loss",
+    "PPDLossOutput": "loss",
+    "ppd_loss": "loss",
+    "add_noise": "noise",
+    "alphas_cumprod": "noise",
+    "sample_timesteps": "noise",
+    "timestep_weight": "noise",
+}
+
+__all__ = ["__version__", *_LAZY_NAMES]
+
+if TYPE_CHECKING:
+    from .adapter import UserAdapter, UserKeyValues
+    from .attention import decoupled_attention
+    from .loss import PPDLoss, PPDLossOutput, ppd_loss
+    from .noise import add_noise, alphas_cumprod, sample_timesteps, timestep_weight
+    from .personalized_unet import PersonalizedStageC
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        module = importlib.import_module(f".{_LAZY_NAMES[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

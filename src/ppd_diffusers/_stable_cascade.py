@@ -1,0 +1,188 @@
+"""Everything that depends on the internals of diffusers' ``StableCascadeUNet`` lives here.
+
+``StableCascadeUNet.forward`` passes one conditioning tensor to every ``SDCascadeAttnBlock`` and takes
+no attention kwargs, so user keys/values cannot reach its attention layers. This module runs the same
+network block by block (``stage_c_forward``) and hands each attention block its own user keys/values
+as *arguments*, which keeps gradient checkpointing correct (a recomputed block sees the same inputs).
+
+The private pieces used: the block lists ``down_blocks``/``up_blocks``, ``down_downscalers``/
+``up_upscalers``, ``down_repeat_mappers``/``up_repeat_mappers``, the block classes, the submodules
+``embedding``/``effnet_mapper``/``pixels_mapper``/``clf`` and ``_gradient_checkpointing_func``.
+``tests/test_stable_cascade_internals.py`` pins them: without a user, ``stage_c_forward`` must equal
+``StableCascadeUNet.forward`` bit for bit on several configurations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableCascadeUNet
+from diffusers.models.unets.unet_stable_cascade import (
+    SDCascadeAttnBlock,
+    SDCascadeResBlock,
+    SDCascadeTimestepBlock,
+    StableCascadeUNetOutput,
+)
+
+from .attention import decoupled_attention
+
+__all__ = ["attention_block_shapes", "attention_blocks", "stage_c_forward"]
+
+
+def attention_blocks(unet: StableCascadeUNet) -> list[SDCascadeAttnBlock]:
+    """The UNet's attention blocks in the order ``stage_c_forward`` visits them (down, then up)."""
+    return [block for level in (*unet.down_blocks, *unet.up_blocks) for block in level if _is_attn(block)]
+
+
+def attention_block_shapes(unet: StableCascadeUNet) -> list[tuple[int, int]]:
+    """``(channels, heads)`` of each attention block, in visiting order."""
+    return [(block.attention.query_dim, block.attention.heads) for block in attention_blocks(unet)]
+
+
+def _is_attn(block: torch.nn.Module) -> bool:
+    return isinstance(block, SDCascadeAttnBlock)
+
+
+def _attn_block_forward(
+    block: SDCascadeAttnBlock,
+    x: torch.Tensor,
+    clip: torch.Tensor,
+    user_key: torch.Tensor,
+    user_value: torch.Tensor,
+    user_scale: float | torch.Tensor,
+) -> torch.Tensor:
+    # Same steps as SDCascadeAttnBlock.forward, with the user term added inside the attention.
+    kv = block.kv_mapper(clip)
+    norm_x = block.norm(x)
+    if block.self_attn:
+        batch_size, channel, _, _ = x.shape
+        kv = torch.cat([norm_x.view(batch_size, channel, -1).transpose(1, 2), kv], dim=1)
+    return x + decoupled_attention(block.attention, norm_x, kv, user_key, user_value, user_scale)
+
+
+def _conditioning_embedding(
+    unet: StableCascadeUNet,
+    timestep_ratio: torch.Tensor,
+    sca: torch.Tensor | float | None,
+    crp: torch.Tensor | float | None,
+) -> torch.Tensor:
+    embeds = [unet.get_timestep_ratio_embedding(timestep_ratio)]
+    extra = {"sca": sca, "crp": crp}
+    for name in unet.config.timestep_conditioning_type:
+        value = extra.get(name)
+        # diffusers writes `cond or zeros`, which fails for a batch tensor; this accepts one.
+        value = torch.zeros_like(timestep_ratio) if value is None else torch.as_tensor(value).to(timestep_ratio)
+        embeds.append(unet.get_timestep_ratio_embedding(value.expand_as(timestep_ratio)))
+    return torch.cat(embeds, dim=1)
+
+
+def _clip_embedding(
+    unet: StableCascadeUNet,
+    clip_text_pooled: torch.Tensor,
+    clip_text: torch.Tensor | None,
+    clip_img: torch.Tensor | None,
+) -> torch.Tensor:
+    if clip_text_pooled.ndim == 2:  # diffusers crashes on (batch, channels)
+        clip_text_pooled = clip_text_pooled.unsqueeze(1)
+    if clip_text is not None and clip_img is None and hasattr(unet, "clip_img_mapper"):
+        # diffusers silently drops `clip_text` without `clip_img`; zeros are what the prior
+        # pipeline passes when there is no image prompt.
+        clip_img = clip_text.new_zeros(clip_text.shape[0], 1, unet.config.clip_image_in_channels)
+    return unet.get_clip_embeddings(clip_txt_pooled=clip_text_pooled, clip_txt=clip_text, clip_img=clip_img)
+
+
+def stage_c_forward(
+    unet: StableCascadeUNet,
+    sample: torch.Tensor,
+    timestep_ratio: torch.Tensor | float,
+    clip_text_pooled: torch.Tensor,
+    clip_text: torch.Tensor | None = None,
+    clip_img: torch.Tensor | None = None,
+    effnet: torch.Tensor | None = None,
+    pixels: torch.Tensor | None = None,
+    sca: torch.Tensor | float | None = None,
+    crp: torch.Tensor | float | None = None,
+    user_keys: Sequence[torch.Tensor] | None = None,
+    user_values: Sequence[torch.Tensor] | None = None,
+    user_scale: float | torch.Tensor = 1.0,
+) -> StableCascadeUNetOutput:
+    """Runs ``unet`` like ``StableCascadeUNet.forward``, with optional user keys/values per attention block.
+
+    ``user_keys[i]``/``user_values[i]`` belong to the i-th block of ``attention_blocks(unet)``; a block
+    that a repeat mapper runs twice sees its own pair both times. With ``user_keys=None`` the result
+    equals ``unet(...)`` bit for bit wherever diffusers accepts the inputs; in addition this accepts a
+    2-D ``clip_text_pooled``, per-sample ``sca``/``crp`` tensors and a scalar ``timestep_ratio``, and
+    supplies the zero image embedding that makes ``clip_text`` count (see ``_clip_embedding``).
+    """
+    batch_size = sample.shape[0]
+    timestep_ratio = torch.as_tensor(timestep_ratio, device=sample.device)
+    if timestep_ratio.ndim == 0:
+        timestep_ratio = timestep_ratio.expand(batch_size)
+    if pixels is None:
+        pixels = sample.new_zeros(batch_size, 3, 8, 8)
+
+    r_embed = _conditioning_embedding(unet, timestep_ratio, sca, crp)
+    clip = _clip_embedding(unet, clip_text_pooled, clip_text, clip_img)
+
+    x = unet.embedding(sample)
+    if hasattr(unet, "effnet_mapper") and effnet is not None:
+        effnet = F.interpolate(effnet, size=x.shape[-2:], mode="bilinear", align_corners=True)
+        x = x + unet.effnet_mapper(effnet)
+    if hasattr(unet, "pixels_mapper"):
+        x = x + F.interpolate(unet.pixels_mapper(pixels), size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+    checkpointing = torch.is_grad_enabled() and unet.gradient_checkpointing
+
+    def run(block: torch.nn.Module, x: torch.Tensor, attn_index: int, skip: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(block, SDCascadeResBlock):
+            fn, args = block, (x, skip)
+        elif isinstance(block, SDCascadeTimestepBlock):
+            fn, args = block, (x, r_embed)
+        elif isinstance(block, SDCascadeAttnBlock):
+            if user_keys is None:
+                fn, args = block, (x, clip)
+            else:
+                user = (user_keys[attn_index], user_values[attn_index], user_scale)
+                fn, args = _attn_block_forward, (block, x, clip, *user)
+        else:
+            fn, args = block, (x,)
+        if checkpointing:
+            return unet._gradient_checkpointing_func(fn, *args)
+        return fn(*args)
+
+    # down path
+    level_outputs = []
+    attn_offset = 0
+    for level, downscaler, repeat_mappers in zip(unet.down_blocks, unet.down_downscalers, unet.down_repeat_mappers):
+        x = downscaler(x)
+        for repeat in range(len(repeat_mappers) + 1):
+            attn_index = attn_offset
+            for block in level:
+                x = run(block, x, attn_index, None)
+                attn_index += _is_attn(block)
+            if repeat < len(repeat_mappers):
+                x = repeat_mappers[repeat](x)
+        attn_offset = attn_index
+        level_outputs.insert(0, x)
+
+    # up path
+    x = level_outputs[0]
+    for i, (level, upscaler, repeat_mappers) in enumerate(
+        zip(unet.up_blocks, unet.up_upscalers, unet.up_repeat_mappers)
+    ):
+        for repeat in range(len(repeat_mappers) + 1):
+            attn_index = attn_offset
+            for k, block in enumerate(level):
+                skip = level_outputs[i] if k == 0 and i > 0 and isinstance(block, SDCascadeResBlock) else None
+                if skip is not None and x.shape[-2:] != skip.shape[-2:]:
+                    x = F.interpolate(x.float(), skip.shape[-2:], mode="bilinear", align_corners=True).to(x.dtype)
+                x = run(block, x, attn_index, skip)
+                attn_index += _is_attn(block)
+            if repeat < len(repeat_mappers):
+                x = repeat_mappers[repeat](x)
+        attn_offset = attn_index
+        x = upscaler(x)
+
+    return StableCascadeUNetOutput(sample=unet.clf(x))

@@ -1,0 +1,202 @@
+"""``UserAdapter``: the user-embedding projection and the decoupled K'/V' layers of every attention block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import ConfigMixin, ModelMixin, StableCascadeUNet
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from ._stable_cascade import attention_block_shapes
+
+if TYPE_CHECKING:
+    from .personalized_unet import PersonalizedStageC
+
+__all__ = ["UserAdapter", "UserKeyValues"]
+
+
+@dataclass
+class UserKeyValues:
+    """Per-block user keys and values, computed once and reused at every denoising step.
+
+    Args:
+        keys: One tensor per attention block, ``(batch, heads, user_tokens, head_dim)``.
+        values: Same shapes as ``keys``.
+        scale: Weight of the user term, a float or a ``(batch,)`` tensor (0 turns a sample's user off).
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    scale: float | torch.Tensor = 1.0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+
+def _describe(shapes: list[tuple[int, int]]) -> str:
+    runs = ", ".join(f"{len(list(group))} x ({c} channels, {h} heads)" for (c, h), group in groupby(shapes))
+    return f"{len(shapes)} attention blocks [{runs}]"
+
+
+class UserAdapter(ModelMixin, ConfigMixin):
+    r"""Decoupled user cross-attention for Stable Cascade Stage C (PPD).
+
+    A user embedding ``e`` of shape ``(batch, tokens, user_embed_dim)`` (from a ``PreferenceEncoder``)
+    becomes ``num_user_tokens`` user tokens per input token, ``u = LayerNorm(reshape(e W_p + b_p))`` of
+    width ``user_token_dim``. Each attention block ``i`` of the UNet gets its own ``K'_i = u W_k'_i`` and
+    ``V'_i = u W_v'_i``, attended beside the block's normal keys and values (see
+    ``decoupled_attention``). ``W_v'`` starts at zero, so a fresh adapter leaves the UNet unchanged.
+
+    The adapter never modifies the UNet it serves: ``attach`` only checks that the shapes fit and
+    returns a ``PersonalizedStageC`` that runs both. Calling the adapter computes the user keys/values
+    once, to reuse at every denoising step.
+
+    Args:
+        user_embed_dim: Width of the incoming user embedding (the VLM hidden size, e.g. 896).
+        block_channels: Channels of each attention block of the target UNet, in visiting order.
+        block_heads: Attention heads of each block, same order.
+        num_user_tokens: User tokens produced per input embedding token.
+        user_token_dim: Width of a user token (smaller is cheaper: K'/V' cost
+            ``2 * user_token_dim * channels`` parameters per block).
+
+    Example:
+        >>> from diffusers import StableCascadeUNet
+        >>> unet = StableCascadeUNet(
+        ...     block_out_channels=(32, 32), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
+        ...     up_num_layers_per_block=(1, 1), conditioning_dim=32, clip_text_pooled_in_channels=16,
+        ...     clip_text_in_channels=16, clip_image_in_channels=16, in_channels=4, out_channels=4,
+        ...     switch_level=(False,))
+        >>> adapter = UserAdapter.from_unet(unet, user_embed_dim=24, num_user_tokens=4, user_token_dim=8)
+        >>> user_kv = adapter(torch.randn(2, 1, 24))
+        >>> len(user_kv.keys), tuple(user_kv.keys[0].shape)
+        (4, (2, 2, 4, 16))
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        user_embed_dim: int,
+        block_channels: list[int] | tuple[int, ...],
+        block_heads: list[int] | tuple[int, ...],
+        num_user_tokens: int = 4,
+        user_token_dim: int = 768,
+        ppd_diffusers_version: str | None = None,
+    ):
+        super().__init__()
+        if len(block_channels) != len(block_heads):
+            raise ValueError(
+                f"`block_channels` and `block_heads` need one entry per attention block, got "
+                f"{len(block_channels)} and {len(block_heads)}."
+            )
+        for name, value in (
+            ("user_embed_dim", user_embed_dim),
+            ("num_user_tokens", num_user_tokens),
+            ("user_token_dim", user_token_dim),
+        ):
+            if value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        for channels, heads in zip(block_channels, block_heads):
+            if channels % heads:
+                raise ValueError(f"`block_channels` entry {channels} is not divisible by its `block_heads` {heads}.")
+        # The config records which release wrote the weights (house rule 1).
+        from . import __version__
+
+        self.register_to_config(ppd_diffusers_version=__version__)
+
+        self.user_proj = nn.Linear(user_embed_dim, num_user_tokens * user_token_dim)
+        self.user_norm = nn.LayerNorm(user_token_dim)
+        self.to_k_user = nn.ModuleList(nn.Linear(user_token_dim, c, bias=False) for c in block_channels)
+        self.to_v_user = nn.ModuleList(nn.Linear(user_token_dim, c, bias=False) for c in block_channels)
+        for layer in self.to_v_user:
+            nn.init.zeros_(layer.weight)
+
+    @classmethod
+    def from_unet(
+        cls, unet: StableCascadeUNet, user_embed_dim: int, num_user_tokens: int = 4, user_token_dim: int = 768
+    ) -> UserAdapter:
+        """Builds an adapter whose blocks match ``unet`` (same count, widths and heads), in ``unet``'s dtype.
+
+        Args:
+            unet: The Stage C ``StableCascadeUNet`` to personalize.
+            user_embed_dim: Width of the incoming user embedding.
+            num_user_tokens: User tokens produced per input embedding token.
+            user_token_dim: Width of a user token.
+        """
+        shapes = attention_block_shapes(unet)
+        if not shapes:
+            raise ValueError("`unet` has no `SDCascadeAttnBlock`: there is nothing to personalize.")
+        adapter = cls(
+            user_embed_dim=user_embed_dim,
+            block_channels=[c for c, _ in shapes],
+            block_heads=[h for _, h in shapes],
+            num_user_tokens=num_user_tokens,
+            user_token_dim=user_token_dim,
+        )
+        if unet.dtype != adapter.dtype or unet.device != adapter.device:
+            adapter = adapter.to(device=unet.device, dtype=unet.dtype)
+        return adapter
+
+    def check_unet(self, unet: StableCascadeUNet) -> None:
+        """Raises ``ValueError`` naming both shapes if this adapter does not fit ``unet``."""
+        expected = list(zip(self.config.block_channels, self.config.block_heads))
+        found = attention_block_shapes(unet)
+        if expected != found:
+            raise ValueError(
+                f"This `UserAdapter` was built for a Stage C UNet with {_describe(expected)}, but the given `unet` "
+                f"has {_describe(found)}. Build a matching adapter with `UserAdapter.from_unet(unet, ...)`."
+            )
+
+    def attach(self, unet: StableCascadeUNet) -> PersonalizedStageC:
+        """Checks that this adapter fits ``unet`` and returns a ``PersonalizedStageC`` running both.
+
+        ``unet`` is not modified; ``PersonalizedStageC.detach()`` gives it back.
+        """
+        from .personalized_unet import PersonalizedStageC
+
+        return PersonalizedStageC(unet, self)
+
+    def project(self, user_embeds: torch.Tensor) -> torch.Tensor:
+        """Maps ``(batch, tokens, user_embed_dim)`` (or ``(batch, user_embed_dim)``) embeddings to user
+        tokens ``(batch, tokens * num_user_tokens, user_token_dim)``."""
+        if user_embeds.ndim == 2:
+            user_embeds = user_embeds.unsqueeze(1)
+        if user_embeds.ndim != 3 or user_embeds.shape[-1] != self.config.user_embed_dim:
+            raise ValueError(
+                f"`user_embeds` must have shape (batch, tokens, {self.config.user_embed_dim}) to match this adapter's "
+                f"`user_embed_dim`, got {tuple(user_embeds.shape)}."
+            )
+        batch_size, tokens, _ = user_embeds.shape
+        weight = self.user_proj.weight
+        tokens_out = self.user_proj(user_embeds.to(weight.dtype))
+        tokens_out = tokens_out.view(batch_size, tokens * self.config.num_user_tokens, self.config.user_token_dim)
+        return self.user_norm(tokens_out)
+
+    def forward(self, user_embeds: torch.Tensor, scale: float | torch.Tensor = 1.0) -> UserKeyValues:
+        """Computes every block's user keys/values from user embeddings (once per generation or step).
+
+        Args:
+            user_embeds: ``(batch, tokens, user_embed_dim)`` or ``(batch, user_embed_dim)``; row ``b`` is the
+                user of sample ``b`` (a batch of one serves the whole batch).
+            scale: Weight of the user term, a float or a ``(batch,)`` tensor.
+
+        Returns:
+            A ``UserKeyValues`` with keys and values split into each block's heads.
+        """
+        tokens = self.project(user_embeds)
+        batch_size, length, _ = tokens.shape
+
+        def heads(layer: nn.Linear, num_heads: int) -> torch.Tensor:
+            out = layer(tokens)
+            return out.view(batch_size, length, num_heads, -1).transpose(1, 2)
+
+        block_heads = self.config.block_heads
+        keys = tuple(heads(layer, h) for layer, h in zip(self.to_k_user, block_heads))
+        values = tuple(heads(layer, h) for layer, h in zip(self.to_v_user, block_heads))
+        if isinstance(scale, torch.Tensor) and scale.ndim > 1:
+            raise ValueError(f"`scale` must be a float or a 1-D per-sample tensor, got shape {tuple(scale.shape)}.")
+        return UserKeyValues(keys=keys, values=values, scale=scale)

@@ -1,0 +1,89 @@
+"""Decoupled user cross-attention: the maths that adds a user's tokens beside the base attention.
+
+For an attention layer with queries ``Q`` and base keys/values ``K, V``, PPD adds a second attention
+over the user tokens with its own keys and values ``K' = u W_k'`` and ``V' = u W_v'``::
+
+    Z' = softmax(Q K^T / sqrt(d)) V + scale * softmax(Q K'^T / sqrt(d)) V'
+
+Both terms are summed *before* the layer's output projection, as in IP-Adapter. The base term is
+computed with exactly the operations of diffusers' default ``AttnProcessor2_0``, so a zero ``V'``
+(the adapter's initial state) or ``scale == 0`` reproduces the base layer bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+__all__ = ["decoupled_attention"]
+
+
+def _split_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    batch_size, length, inner_dim = tensor.shape
+    return tensor.view(batch_size, length, heads, inner_dim // heads).transpose(1, 2)
+
+
+def decoupled_attention(
+    attn: Attention,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    user_key: torch.Tensor | None = None,
+    user_value: torch.Tensor | None = None,
+    user_scale: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
+    """Runs ``attn`` on ``hidden_states`` with an extra, separately normalised user attention.
+
+    Args:
+        attn: A diffusers ``Attention`` module without group/spatial/q-k norms, masks or residual
+            (the configuration ``SDCascadeAttnBlock`` uses). Its ``to_q``/``to_k``/``to_v``/``to_out``
+            weights are used as they are.
+        hidden_states: Queries, ``(batch, channels, height, width)`` or ``(batch, tokens, channels)``.
+        encoder_hidden_states: Base keys/values source, ``(batch, context_tokens, channels)``.
+        user_key: User keys already split into heads, ``(batch, heads, user_tokens, head_dim)``;
+            ``None`` skips the user term.
+        user_value: User values, same shape as ``user_key``.
+        user_scale: Weight of the user term: a float or a per-sample tensor of shape ``(batch,)``.
+
+    Returns:
+        The attention output, same shape as ``hidden_states``.
+
+    Example:
+        >>> import torch
+        >>> from diffusers.models.attention_processor import Attention
+        >>> attn = Attention(query_dim=8, heads=2, dim_head=4, bias=True)
+        >>> x, ctx = torch.randn(1, 8, 2, 2), torch.randn(1, 3, 8)
+        >>> k = v = torch.zeros(1, 2, 5, 4)
+        >>> torch.equal(decoupled_attention(attn, x, ctx, k, v), attn(x, encoder_hidden_states=ctx))
+        True
+    """
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    batch_size = encoder_hidden_states.shape[0]
+
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    query, key, value = (_split_heads(t, attn.heads) for t in (query, key, value))
+
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+    if user_key is not None:
+        user_key = user_key.to(query.dtype)
+        user_value = user_value.to(query.dtype)
+        if user_key.shape[0] != batch_size:  # one user for the whole batch
+            user_key = user_key.expand(batch_size, -1, -1, -1)
+            user_value = user_value.expand(batch_size, -1, -1, -1)
+        user_out = F.scaled_dot_product_attention(query, user_key, user_value, dropout_p=0.0, is_causal=False)
+        if isinstance(user_scale, torch.Tensor) and user_scale.ndim > 0:
+            user_scale = user_scale.to(user_out.dtype).view(-1, 1, 1, 1)
+        out = out + user_scale * user_out
+
+    out = out.transpose(1, 2).reshape(batch_size, -1, out.shape[1] * out.shape[-1])
+    out = out.to(query.dtype)
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    return out / attn.rescale_output_factor

@@ -1,0 +1,125 @@
+"""``PersonalizedStageC``: a Stage C UNet and a ``UserAdapter`` run together, per-sample users."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableCascadeUNet
+from diffusers.models.unets.unet_stable_cascade import StableCascadeUNetOutput
+from torch import nn
+
+from ._stable_cascade import stage_c_forward
+from .adapter import UserAdapter, UserKeyValues
+
+__all__ = ["PersonalizedStageC"]
+
+
+class PersonalizedStageC(nn.Module):
+    r"""Runs a Stage C ``StableCascadeUNet`` with a ``UserAdapter``, conditioning each sample on its user.
+
+    Neither module is copied or modified: the UNet's weights stay exactly as loaded, and without a
+    user (``user_embeds=None``), with ``user_scale=0`` or with a freshly initialised adapter the output
+    equals ``unet(...)`` bit for bit. User keys/values travel as arguments, so gradient checkpointing
+    (``unet.enable_gradient_checkpointing()``) recomputes blocks with the right user.
+
+    Args:
+        unet: The (usually frozen) Stage C UNet.
+        adapter: A ``UserAdapter`` built for this UNet (checked: a mismatch raises ``ValueError``).
+
+    Example:
+        >>> import torch
+        >>> from diffusers import StableCascadeUNet
+        >>> unet = StableCascadeUNet(
+        ...     block_out_channels=(32, 32), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
+        ...     up_num_layers_per_block=(1, 1), conditioning_dim=32, clip_text_pooled_in_channels=16,
+        ...     clip_text_in_channels=16, clip_image_in_channels=16, in_channels=4, out_channels=4,
+        ...     switch_level=(False,)).eval()
+        >>> model = UserAdapter.from_unet(unet, user_embed_dim=24).attach(unet)
+        >>> sample, t, pooled = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 1, 16)
+        >>> users = torch.randn(2, 1, 24)  # a different user for each sample
+        >>> out = model(sample, t, pooled, user_embeds=users).sample
+        >>> torch.equal(out, unet(sample, t, pooled).sample)  # a fresh adapter changes nothing
+        True
+    """
+
+    def __init__(self, unet: StableCascadeUNet, adapter: UserAdapter):
+        super().__init__()
+        adapter.check_unet(unet)
+        self.unet = unet
+        self.adapter = adapter
+
+    def detach(self) -> StableCascadeUNet:
+        """Returns the base UNet, untouched."""
+        return self.unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep_ratio: torch.Tensor | float,
+        clip_text_pooled: torch.Tensor,
+        clip_text: torch.Tensor | None = None,
+        clip_img: torch.Tensor | None = None,
+        *,
+        user_embeds: torch.Tensor | None = None,
+        user_kv: UserKeyValues | None = None,
+        user_scale: float | torch.Tensor | None = None,
+        return_dict: bool = True,
+        **unet_kwargs,
+    ) -> StableCascadeUNetOutput | tuple[torch.Tensor]:
+        """Predicts the noise of ``sample`` for each sample's user.
+
+        Args:
+            sample: Noisy Stage C latents ``(batch, channels, height, width)``.
+            timestep_ratio: ``t`` in [0, 1], a float or a ``(batch,)`` tensor.
+            clip_text_pooled: Pooled CLIP text embeddings, ``(batch, 1, channels)`` or ``(batch, channels)``.
+            clip_text: CLIP text hidden states ``(batch, tokens, channels)``; a zero image embedding is
+                supplied when ``clip_img`` is missing, so the text tokens are used (diffusers drops them).
+            clip_img: CLIP image embeddings ``(batch, images, channels)``.
+            user_embeds: User embeddings, ``(batch, tokens, user_embed_dim)``; row ``b`` conditions sample ``b``
+                (a single row conditions every sample). ``None`` runs the base model.
+            user_kv: Precomputed ``adapter(user_embeds)``; pass it instead of ``user_embeds`` to compute the
+                user keys/values once per generation rather than at every step.
+            user_scale: Weight of the user term (float or ``(batch,)`` tensor; 0 gives the base model for
+                that sample). Defaults to ``user_kv.scale``, i.e. 1.0.
+            return_dict: Return a ``StableCascadeUNetOutput`` rather than a tuple.
+            **unet_kwargs: ``effnet``, ``pixels``, ``sca``, ``crp`` as in ``StableCascadeUNet.forward``.
+
+        Returns:
+            ``StableCascadeUNetOutput`` with ``.sample``, or ``(sample,)`` when ``return_dict=False``.
+        """
+        if user_embeds is not None and user_kv is not None:
+            raise ValueError("Pass either `user_embeds` or `user_kv`, not both.")
+        if user_embeds is not None:
+            user_kv = self.adapter(user_embeds)
+        keys = values = None
+        scale = 1.0
+        if user_kv is not None:
+            self._check_user_kv(user_kv, sample.shape[0])
+            keys, values = user_kv.keys, user_kv.values
+            scale = user_kv.scale if user_scale is None else user_scale
+            if isinstance(scale, torch.Tensor) and scale.ndim > 0 and scale.shape != (sample.shape[0],):
+                raise ValueError(
+                    f"`user_scale` must be a float or a ({sample.shape[0]},) tensor, got shape {tuple(scale.shape)}."
+                )
+        out = stage_c_forward(
+            self.unet,
+            sample,
+            timestep_ratio,
+            clip_text_pooled,
+            clip_text,
+            clip_img,
+            user_keys=keys,
+            user_values=values,
+            user_scale=scale,
+            **unet_kwargs,
+        )
+        return out if return_dict else (out.sample,)
+
+    def _check_user_kv(self, user_kv: UserKeyValues, batch_size: int) -> None:
+        blocks = len(self.adapter.config.block_channels)
+        if len(user_kv.keys) != blocks or len(user_kv.values) != blocks:
+            raise ValueError(f"`user_kv` holds {len(user_kv.keys)} blocks, but the UNet has {blocks} attention blocks.")
+        if user_kv.batch_size not in (1, batch_size):
+            raise ValueError(
+                f"`user_embeds`/`user_kv` has {user_kv.batch_size} users for a batch of {batch_size} samples: "
+                "pass one user per sample, or a single user for all of them."
+            )

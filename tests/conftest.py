@@ -1,0 +1,82 @@
+"""Tiny Stage C models built from configs, saved and loaded through the user-facing `from_pretrained` path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableCascadeUNet
+
+from ppd_diffusers import UserAdapter
+
+USER_DIM = 24
+
+
+def tiny_unet_config(**overrides) -> dict:
+    """A miniature of the Stage C prior config (two levels, text + pooled + image conditioning)."""
+    config = dict(
+        in_channels=4,
+        out_channels=4,
+        timestep_ratio_embedding_dim=16,
+        conditioning_dim=32,
+        block_out_channels=(32, 48),
+        num_attention_heads=(2, 4),
+        down_num_layers_per_block=(1, 2),
+        up_num_layers_per_block=(2, 1),
+        clip_text_in_channels=16,
+        clip_text_pooled_in_channels=16,
+        clip_image_in_channels=12,
+        clip_seq=2,
+        dropout=(0.1, 0.1),
+        self_attn=True,
+        timestep_conditioning_type=("sca", "crp"),
+        switch_level=(False,),
+    )
+    config.update(overrides)
+    return config
+
+
+def build_unet(seed: int = 0, **overrides) -> StableCascadeUNet:
+    torch.manual_seed(seed)
+    return StableCascadeUNet(**tiny_unet_config(**overrides)).eval()
+
+
+def unet_inputs(unet: StableCascadeUNet, batch: int = 3, size: int = 8, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    config = unet.config
+    inputs = dict(
+        sample=torch.randn(batch, config.in_channels, size, size, generator=g),
+        timestep_ratio=torch.rand(batch, generator=g),
+        clip_text_pooled=torch.randn(batch, 1, config.clip_text_pooled_in_channels, generator=g),
+    )
+    if config.clip_text_in_channels is not None:
+        inputs["clip_text"] = torch.randn(batch, 5, config.clip_text_in_channels, generator=g)
+        inputs["clip_img"] = torch.randn(batch, 1, config.clip_image_in_channels, generator=g)
+    return inputs
+
+
+def randomize_(adapter: UserAdapter, seed: int = 0, std: float = 0.5) -> UserAdapter:
+    """Gives every adapter weight a random non-zero value, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * std)
+    return adapter
+
+
+@pytest.fixture(scope="session")
+def saved_unet_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("prior")
+    build_unet().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def unet(saved_unet_dir) -> StableCascadeUNet:
+    # Loaded the way a Hub id is: StableCascadeUNet.from_pretrained(repo, subfolder="prior").
+    return StableCascadeUNet.from_pretrained(saved_unet_dir).eval()
+
+
+@pytest.fixture
+def adapter(unet) -> UserAdapter:
+    torch.manual_seed(2)
+    return UserAdapter.from_unet(unet, user_embed_dim=USER_DIM, num_user_tokens=3, user_token_dim=8)
