@@ -1,0 +1,186 @@
+"""`UserAdapter` and `PersonalizedStageC`: invariants, save/load, per-sample users, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import StableCascadeUNet
+
+from ppd_diffusers import PersonalizedStageC, UserAdapter, __version__
+
+from .conftest import USER_DIM, build_unet, randomize_, unet_inputs
+
+
+def _users(batch: int, tokens: int = 2, seed: int = 3) -> torch.Tensor:
+    return torch.randn(batch, tokens, USER_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def test_from_unet_matches_every_attention_block(unet, adapter):
+    assert adapter.config.block_channels == [32, 48, 48, 48, 48, 32]
+    assert adapter.config.block_heads == [2, 4, 4, 4, 4, 2]
+    per_block = sum(2 * 8 * c for c in adapter.config.block_channels)
+    projection = USER_DIM * 3 * 8 + 3 * 8 + 2 * 8
+    assert sum(p.numel() for p in adapter.parameters()) == per_block + projection
+
+
+def test_fresh_adapter_with_users_equals_base_bit_for_bit(unet, adapter):
+    inputs = unet_inputs(unet)
+    model = adapter.attach(unet)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, user_embeds=_users(3)).sample, unet(**inputs).sample)
+
+
+def test_no_user_and_scale_zero_equal_base_for_a_trained_adapter(unet, adapter):
+    randomize_(adapter)
+    inputs = unet_inputs(unet)
+    model = adapter.attach(unet)
+    with torch.no_grad():
+        base = unet(**inputs).sample
+        assert torch.equal(model(**inputs).sample, base)
+        assert torch.equal(model(**inputs, user_embeds=_users(3), user_scale=0.0).sample, base)
+        personalized = model(**inputs, user_embeds=_users(3)).sample
+    assert (personalized - base).abs().max() > 1e-3
+
+
+def test_per_sample_users_in_one_batch_equal_one_by_one(unet, adapter):
+    randomize_(adapter)
+    inputs, users = unet_inputs(unet), _users(3)
+    model = adapter.attach(unet)
+    with torch.no_grad():
+        batched = model(**inputs, user_embeds=users).sample
+        for i in range(3):
+            single = model(**{k: v[i : i + 1] for k, v in inputs.items()}, user_embeds=users[i : i + 1]).sample
+            torch.testing.assert_close(batched[i : i + 1], single, rtol=1e-5, atol=1e-5)
+
+
+def test_one_user_serves_the_whole_batch(unet, adapter):
+    randomize_(adapter)
+    inputs, user = unet_inputs(unet), _users(1)
+    model = adapter.attach(unet)
+    with torch.no_grad():
+        broadcast = model(**inputs, user_embeds=user).sample
+        repeated = model(**inputs, user_embeds=user.repeat(3, 1, 1)).sample
+    torch.testing.assert_close(broadcast, repeated, rtol=1e-6, atol=1e-6)
+
+
+def test_per_sample_scale_switches_single_samples_off(unet, adapter):
+    randomize_(adapter)
+    inputs, users = unet_inputs(unet), _users(3)
+    model = adapter.attach(unet)
+    with torch.no_grad():
+        mixed = model(**inputs, user_embeds=users, user_scale=torch.tensor([1.0, 0.0, 1.0])).sample
+        on = model(**inputs, user_embeds=users).sample
+        base = unet(**inputs).sample
+    assert torch.equal(mixed[1], base[1])
+    assert torch.equal(mixed[[0, 2]], on[[0, 2]])
+
+
+def test_precomputed_user_kv_equals_user_embeds(unet, adapter):
+    randomize_(adapter)
+    inputs, users = unet_inputs(unet), _users(3)
+    model = adapter.attach(unet)
+    with torch.no_grad():
+        user_kv = adapter(users, scale=0.5)
+        assert torch.equal(
+            model(**inputs, user_kv=user_kv).sample, model(**inputs, user_embeds=users, user_scale=0.5).sample
+        )
+
+
+def test_two_dimensional_user_embeds_are_one_token(unet, adapter):
+    users = _users(3, tokens=1)
+    with torch.no_grad():
+        assert torch.equal(adapter.project(users[:, 0]), adapter.project(users))
+    assert adapter.project(_users(3, tokens=5)).shape == (3, 5 * 3, 8)
+
+
+def test_save_load_roundtrip_gives_identical_outputs(unet, adapter, tmp_path):
+    randomize_(adapter)
+    adapter.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["_class_name"] == "UserAdapter"
+    assert config["ppd_diffusers_version"] == __version__
+    loaded = UserAdapter.from_pretrained(tmp_path)
+    inputs, users = unet_inputs(unet), _users(3)
+    with torch.no_grad():
+        expected = adapter.attach(unet)(**inputs, user_embeds=users).sample
+        assert torch.equal(loaded.attach(unet)(**inputs, user_embeds=users).sample, expected)
+
+
+def test_attach_and_training_leave_the_base_weights_untouched(unet, adapter):
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    model = adapter.attach(unet)
+    assert model.detach() is unet
+    unet.requires_grad_(False)
+    optimizer = torch.optim.SGD(adapter.parameters(), lr=0.1)
+    model(**unet_inputs(unet), user_embeds=_users(3)).sample.square().mean().backward()
+    optimizer.step()
+    assert unet.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+def test_only_adapter_parameters_receive_gradients(unet, adapter):
+    unet.requires_grad_(False)
+    model = adapter.attach(unet)
+    model(**unet_inputs(unet), user_embeds=_users(3)).sample.square().mean().backward()
+    assert all(p.grad is None for p in unet.parameters())
+    # V' is zero at init, so only V' (and nothing upstream of it) gets a gradient on the first step
+    assert all(layer.weight.grad.abs().sum() > 0 for layer in adapter.to_v_user)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(adapter, saved_unet_dir):
+    randomize_(adapter)
+    grads = []
+    for checkpointing in (False, True):
+        unet = StableCascadeUNet.from_pretrained(saved_unet_dir).eval().requires_grad_(False)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        adapter.zero_grad(set_to_none=True)
+        out = adapter.attach(unet)(**unet_inputs(unet), user_embeds=_users(3)).sample
+        out.square().mean().backward()
+        grads.append([p.grad.clone() for p in adapter.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_fresh_adapter_equals_base_bit_for_bit(saved_unet_dir):
+    unet = StableCascadeUNet.from_pretrained(saved_unet_dir, torch_dtype=torch.bfloat16).eval()
+    adapter = UserAdapter.from_unet(unet, user_embed_dim=USER_DIM)
+    assert adapter.dtype == torch.bfloat16
+    inputs = {k: v.to(torch.bfloat16) for k, v in unet_inputs(unet).items()}
+    with torch.no_grad():
+        out = adapter.attach(unet)(**inputs, user_embeds=_users(3)).sample
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, unet(**inputs).sample)
+        randomize_(adapter)
+        assert torch.isfinite(adapter.attach(unet)(**inputs, user_embeds=_users(3).float()).sample).all()
+
+
+def test_mismatched_unet_raises_naming_both_shapes(adapter):
+    other = build_unet(block_out_channels=(32, 64), num_attention_heads=(2, 4))
+    with pytest.raises(ValueError, match=r"4 x \(48 channels, 4 heads\).*given `unet` has 6 attention blocks.*4 x \(64 channels"):
+        adapter.attach(other)
+    fewer = build_unet(down_num_layers_per_block=(1, 1), up_num_layers_per_block=(1, 1))
+    with pytest.raises(ValueError, match=r"built for a Stage C UNet with 6 attention.*has 4 attention blocks"):
+        PersonalizedStageC(fewer, adapter)
+
+
+def test_bad_inputs_raise_clear_errors(unet, adapter):
+    model, inputs = adapter.attach(unet), unet_inputs(unet)
+    with pytest.raises(ValueError, match=r"`user_embeds` must have shape \(batch, tokens, 24\).*got \(3, 2, 7\)"):
+        model(**inputs, user_embeds=torch.randn(3, 2, 7))
+    with pytest.raises(ValueError, match="2 users for a batch of 3 samples"):
+        model(**inputs, user_embeds=_users(2))
+    with pytest.raises(ValueError, match="either `user_embeds` or `user_kv`"):
+        model(**inputs, user_embeds=_users(3), user_kv=adapter(_users(3)))
+    with pytest.raises(ValueError, match=r"`user_scale` must be a float or a \(3,\) tensor"):
+        model(**inputs, user_embeds=_users(3), user_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="`block_channels` and `block_heads`"):
+        UserAdapter(user_embed_dim=4, block_channels=[8, 8], block_heads=[2])
+    with pytest.raises(ValueError, match="`user_token_dim` must be a positive integer"):
+        UserAdapter(user_embed_dim=4, block_channels=[8], block_heads=[2], user_token_dim=0)
+    with pytest.raises(ValueError, match="not divisible"):
+        UserAdapter(user_embed_dim=4, block_channels=[9], block_heads=[2])

@@ -1,0 +1,124 @@
+"""`ppd_dpo_step`: the whole user-conditioned DPO step on tiny Stage C models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableCascadeUNet
+
+from ppd_diffusers import PPDLoss
+from ppd_diffusers.training import ppd_dpo_step
+
+from .conftest import USER_DIM, randomize_
+
+LOG2 = torch.tensor(0.6931471805599453, dtype=torch.float32)
+
+
+def _pairs(pairs: int = 4, seed: int = 5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        latents_chosen=torch.randn(pairs, 4, 8, 8, generator=g),
+        latents_rejected=torch.randn(pairs, 4, 8, 8, generator=g),
+        clip_text_pooled=torch.randn(pairs, 1, 16, generator=g),
+        clip_text=torch.randn(pairs, 5, 16, generator=g),
+        user_embeds=torch.randn(pairs, 2, USER_DIM, generator=g),
+    )
+
+
+def _step(model, batch, seed=0, **kwargs):
+    return ppd_dpo_step(model, **batch, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.fixture
+def model(unet, adapter):
+    unet.requires_grad_(False)
+    return adapter.attach(unet)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_first_loss_is_exactly_log_2(model, dropout):
+    out = _step(model, _pairs(), user_dropout=dropout, loss_fn=PPDLoss(beta=5000))
+    assert torch.equal(out.loss.detach(), LOG2)
+    assert out.implicit_accuracy.item() == 0.5
+
+
+def test_pairs_share_noise_and_timestep(model):
+    # identical preferred and rejected latents see identical noise and t, so even a trained adapter
+    # cannot tell them apart: every pair's diffs are exactly zero
+    randomize_(model.adapter)
+    batch = _pairs()
+    batch["latents_rejected"] = batch["latents_chosen"].clone()
+    out = _step(model, batch, timestep_weighting="min_snr")
+    assert torch.equal(out.model_diff, torch.zeros(4)) and torch.equal(out.ref_diff, torch.zeros(4))
+    assert torch.equal(out.loss.detach(), LOG2)
+
+
+def test_only_adapter_parameters_receive_gradients(model):
+    _step(model, _pairs()).loss.backward()
+    assert all(p.grad is None for p in model.unet.parameters())
+    assert all(p.grad is not None for p in model.adapter.to_v_user.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.adapter.to_v_user.parameters())
+
+
+def test_optimizer_steps_on_a_fixed_batch_lower_the_loss(model):
+    optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-3)
+    batch, losses = _pairs(), []
+    for _ in range(8):
+        out = _step(model, batch, seed=0, loss_fn=PPDLoss(beta=50.0))  # same noise and t every step
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert losses[0] == pytest.approx(LOG2.item())
+    assert losses[-1] < losses[0] - 0.01
+    assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:]))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(adapter, saved_unet_dir):
+    randomize_(adapter, std=0.2)
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        unet = StableCascadeUNet.from_pretrained(saved_unet_dir).eval().requires_grad_(False)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        adapter.zero_grad(set_to_none=True)
+        out = _step(adapter.attach(unet), _pairs(), loss_fn=PPDLoss(beta=50.0))
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append([p.grad.clone() for p in adapter.parameters()])
+    assert torch.equal(losses[0], losses[1])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-8)
+
+
+def test_full_user_dropout_equals_zero_embeddings(model):
+    randomize_(model.adapter)
+    batch = _pairs()
+    dropped = _step(model, batch, user_dropout=1.0)
+    zeroed = _step(model, dict(batch, user_embeds=torch.zeros_like(batch["user_embeds"])))
+    assert torch.equal(dropped.loss, zeroed.loss)
+    kept = _step(model, batch)
+    assert not torch.equal(kept.loss, zeroed.loss)
+
+
+def test_steps_are_reproducible_with_a_generator(model):
+    randomize_(model.adapter)
+    batch = _pairs()
+    assert torch.equal(_step(model, batch, seed=3, user_dropout=0.3).loss, _step(model, batch, seed=3, user_dropout=0.3).loss)
+    assert not torch.equal(_step(model, batch, seed=3).loss, _step(model, batch, seed=4).loss)
+
+
+def test_bad_inputs_raise_clear_errors(model):
+    batch = _pairs()
+    with pytest.raises(ValueError, match="`latents_chosen` and `latents_rejected` must both be"):
+        _step(model, dict(batch, latents_rejected=batch["latents_rejected"][:3]))
+    with pytest.raises(ValueError, match=r"`user_embeds` must have one row per pair \(4\)"):
+        _step(model, dict(batch, user_embeds=batch["user_embeds"][:2]))
+    with pytest.raises(ValueError, match=r"`clip_text_pooled` must have one row per pair"):
+        _step(model, dict(batch, clip_text_pooled=batch["clip_text_pooled"][:1]))
+    with pytest.raises(ValueError, match=r"`user_dropout` must be a probability"):
+        _step(model, batch, user_dropout=1.5)
+    nan_batch = dict(batch, latents_chosen=batch["latents_chosen"].clone())
+    nan_batch["latents_chosen"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="`model_pred` contains NaN"):
+        _step(model, nan_batch)

@@ -1,0 +1,47 @@
+"""Packaging: light import, version, public names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import version
+
+import ppd_diffusers
+
+
+def _new_modules(setup: str, code: str) -> set[str]:
+    script = (
+        f"import json, sys\n{setup}\nbefore = set(sys.modules)\n{code}\n"
+        "print(json.dumps(sorted(set(sys.modules) - before)))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    return set(json.loads(out.strip().splitlines()[-1]))
+
+
+def test_import_alone_loads_nothing_heavy():
+    new = _new_modules("", "import ppd_diffusers")
+    assert not {"torch", "diffusers", "transformers", "datasets"} & new
+    assert all(name.split(".")[0] in sys.stdlib_module_names or name.startswith("ppd_diffusers") for name in new), new
+
+
+def test_core_names_load_nothing_beyond_what_diffusers_itself_imports():
+    setup = "import diffusers\nfrom diffusers import StableCascadeUNet, ModelMixin, ConfigMixin, DDPMWuerstchenScheduler"
+    code = "import ppd_diffusers\nfor name in ppd_diffusers.__all__: getattr(ppd_diffusers, name)"
+    new = _new_modules(setup, code)
+    foreign = {n for n in new if not n.startswith("ppd_diffusers") and n.split(".")[0] not in sys.stdlib_module_names}
+    assert not foreign, f"`import ppd_diffusers` pulled in {sorted(foreign)}"
+    assert "ppd_diffusers.training" not in new and "datasets" not in new
+
+
+def test_version_comes_from_package_metadata():
+    assert ppd_diffusers.__version__ == version("ppd-diffusers")
+
+
+def test_every_public_name_resolves_and_is_documented():
+    for name in ppd_diffusers.__all__:
+        if name == "__version__":
+            continue
+        obj = getattr(ppd_diffusers, name)
+        assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
+    assert set(ppd_diffusers.__all__) <= set(dir(ppd_diffusers))
