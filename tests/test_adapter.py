@@ -161,7 +161,8 @@ def test_bf16_fresh_adapter_equals_base_bit_for_bit(saved_unet_dir):
 
 def test_mismatched_unet_raises_naming_both_shapes(adapter):
     other = build_unet(block_out_channels=(32, 64), num_attention_heads=(2, 4))
-    with pytest.raises(ValueError, match=r"4 x \(48 channels, 4 heads\).*given `unet` has 6 attention blocks.*4 x \(64 channels"):
+    expected = r"4 x \(48 channels, 4 heads\).*given `unet` has 6 attention blocks.*4 x \(64 channels"
+    with pytest.raises(ValueError, match=expected):
         adapter.attach(other)
     fewer = build_unet(down_num_layers_per_block=(1, 1), up_num_layers_per_block=(1, 1))
     with pytest.raises(ValueError, match=r"built for a Stage C UNet with 6 attention.*has 4 attention blocks"):

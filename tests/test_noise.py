@@ -21,8 +21,9 @@ def test_add_noise_matches_ddpm_wuerstchen_scheduler():
 
 def test_alphas_cumprod_hand_values():
     # cos^2((t + s)/(1 + s) * pi/2) / cos^2(s/(1 + s) * pi/2), clamped to [1e-4, 0.9999]
-    torch.testing.assert_close(alphas_cumprod(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([0.9999, 0.4938436, 1e-4]),
-                               rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(
+        alphas_cumprod(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([0.9999, 0.4938436, 1e-4]), rtol=1e-6, atol=0.0
+    )
 
 
 @settings(max_examples=50, deadline=None)

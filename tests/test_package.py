@@ -26,7 +26,7 @@ def test_import_alone_loads_nothing_heavy():
 
 
 def test_core_names_load_nothing_beyond_what_diffusers_itself_imports():
-    setup = "import diffusers\nfrom diffusers import StableCascadeUNet, ModelMixin, ConfigMixin, DDPMWuerstchenScheduler"
+    setup = "from diffusers import ConfigMixin, DDPMWuerstchenScheduler, ModelMixin, StableCascadeUNet"
     code = "import ppd_diffusers\nfor name in ppd_diffusers.__all__: getattr(ppd_diffusers, name)"
     new = _new_modules(setup, code)
     foreign = {n for n in new if not n.startswith("ppd_diffusers") and n.split(".")[0] not in sys.stdlib_module_names}

@@ -76,8 +76,10 @@ def test_attention_blocks_are_visited_in_module_order_and_each_repeat_uses_its_o
     assert len(blocks) == 6  # 1 + 2 down, 2 + 1 up
     assert attention_block_shapes(unet) == [(32, 2), (48, 4), (48, 4), (48, 4), (48, 4), (32, 2)]
     seen = []
-    hooks = [b.attention.to_q.register_forward_hook(lambda m, i, o, idx=idx: seen.append(idx)) for idx, b in
-             enumerate(blocks)]
+    hooks = [
+        b.attention.to_q.register_forward_hook(lambda m, i, o, idx=idx: seen.append(idx))
+        for idx, b in enumerate(blocks)
+    ]
     adapter = randomize_(UserAdapter.from_unet(unet, user_embed_dim=8, num_user_tokens=2, user_token_dim=4))
     with torch.no_grad():
         kv = adapter(torch.randn(3, 1, 8))
@@ -131,8 +133,9 @@ def test_stage_c_forward_accepts_what_diffusers_rejects():
         no_img = {k: v for k, v in inputs.items() if k != "clip_img"}
         assert torch.equal(stage_c_forward(unet, **no_img).sample, stage_c_forward(unet, **zeros_img).sample)
         same_t = dict(inputs, timestep_ratio=torch.full((3,), 0.25))
-        assert torch.equal(stage_c_forward(unet, **dict(inputs, timestep_ratio=0.25)).sample,
-                           stage_c_forward(unet, **same_t).sample)
+        assert torch.equal(
+            stage_c_forward(unet, **dict(inputs, timestep_ratio=0.25)).sample, stage_c_forward(unet, **same_t).sample
+        )
         sca = torch.tensor([0.0, 0.5, 1.0])
         per_sample = stage_c_forward(unet, **inputs, sca=sca).sample
         for i in range(3):

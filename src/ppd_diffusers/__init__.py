@@ -30,7 +30,20 @@ _LAZY_NAMES = {
     "timestep_weight": "noise",
 }
 
-__all__ = ["__version__", *_LAZY_NAMES]
+__all__ = [
+    "PPDLoss",
+    "PPDLossOutput",
+    "PersonalizedStageC",
+    "UserAdapter",
+    "UserKeyValues",
+    "__version__",
+    "add_noise",
+    "alphas_cumprod",
+    "decoupled_attention",
+    "ppd_loss",
+    "sample_timesteps",
+    "timestep_weight",
+]
 
 if TYPE_CHECKING:
     from .adapter import UserAdapter, UserKeyValues

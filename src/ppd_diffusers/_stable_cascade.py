@@ -155,7 +155,8 @@ def stage_c_forward(
     # down path
     level_outputs = []
     attn_offset = 0
-    for level, downscaler, repeat_mappers in zip(unet.down_blocks, unet.down_downscalers, unet.down_repeat_mappers):
+    down_path = zip(unet.down_blocks, unet.down_downscalers, unet.down_repeat_mappers, strict=True)
+    for level, downscaler, repeat_mappers in down_path:
         x = downscaler(x)
         for repeat in range(len(repeat_mappers) + 1):
             attn_index = attn_offset
@@ -169,9 +170,8 @@ def stage_c_forward(
 
     # up path
     x = level_outputs[0]
-    for i, (level, upscaler, repeat_mappers) in enumerate(
-        zip(unet.up_blocks, unet.up_upscalers, unet.up_repeat_mappers)
-    ):
+    up_path = zip(unet.up_blocks, unet.up_upscalers, unet.up_repeat_mappers, strict=True)
+    for i, (level, upscaler, repeat_mappers) in enumerate(up_path):
         for repeat in range(len(repeat_mappers) + 1):
             attn_index = attn_offset
             for k, block in enumerate(level):

@@ -100,7 +100,7 @@ class UserAdapter(ModelMixin, ConfigMixin):
         ):
             if value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
-        for channels, heads in zip(block_channels, block_heads):
+        for channels, heads in zip(block_channels, block_heads, strict=True):
             if channels % heads:
                 raise ValueError(f"`block_channels` entry {channels} is not divisible by its `block_heads` {heads}.")
         # The config records which release wrote the weights (house rule 1).
@@ -143,7 +143,7 @@ class UserAdapter(ModelMixin, ConfigMixin):
 
     def check_unet(self, unet: StableCascadeUNet) -> None:
         """Raises ``ValueError`` naming both shapes if this adapter does not fit ``unet``."""
-        expected = list(zip(self.config.block_channels, self.config.block_heads))
+        expected = list(zip(self.config.block_channels, self.config.block_heads, strict=True))
         found = attention_block_shapes(unet)
         if expected != found:
             raise ValueError(
@@ -195,8 +195,8 @@ class UserAdapter(ModelMixin, ConfigMixin):
             return out.view(batch_size, length, num_heads, -1).transpose(1, 2)
 
         block_heads = self.config.block_heads
-        keys = tuple(heads(layer, h) for layer, h in zip(self.to_k_user, block_heads))
-        values = tuple(heads(layer, h) for layer, h in zip(self.to_v_user, block_heads))
+        keys = tuple(heads(layer, h) for layer, h in zip(self.to_k_user, block_heads, strict=True))
+        values = tuple(heads(layer, h) for layer, h in zip(self.to_v_user, block_heads, strict=True))
         if isinstance(scale, torch.Tensor) and scale.ndim > 1:
             raise ValueError(f"`scale` must be a float or a 1-D per-sample tensor, got shape {tuple(scale.shape)}.")
         return UserKeyValues(keys=keys, values=values, scale=scale)

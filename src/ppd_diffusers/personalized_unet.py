@@ -117,7 +117,10 @@ class PersonalizedStageC(nn.Module):
     def _check_user_kv(self, user_kv: UserKeyValues, batch_size: int) -> None:
         blocks = len(self.adapter.config.block_channels)
         if len(user_kv.keys) != blocks or len(user_kv.values) != blocks:
-            raise ValueError(f"`user_kv` holds {len(user_kv.keys)} blocks, but the UNet has {blocks} attention blocks.")
+            raise ValueError(
+                f"`user_kv` holds {len(user_kv.keys)} blocks, but the UNet has {blocks} attention blocks: compute it "
+                "with the adapter attached here."
+            )
         if user_kv.batch_size not in (1, batch_size):
             raise ValueError(
                 f"`user_embeds`/`user_kv` has {user_kv.batch_size} users for a batch of {batch_size} samples: "
