@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import StableCascadeUNet
 
-from ppd_diffusers import PPDLoss
+from ppd_diffusers import PPDLoss, UserAdapter
 from ppd_diffusers.training import ppd_dpo_step
 
 from .conftest import USER_DIM, randomize_
@@ -123,3 +123,14 @@ def test_bad_inputs_raise_clear_errors(model):
     nan_batch["latents_chosen"][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="`model_pred` contains NaN"):
         _step(model, nan_batch)
+
+
+def test_bf16_step_runs_and_starts_at_log_2(saved_unet_dir):
+    unet = StableCascadeUNet.from_pretrained(saved_unet_dir, torch_dtype=torch.bfloat16).eval().requires_grad_(False)
+    adapter = UserAdapter.from_unet(unet, user_embed_dim=USER_DIM)
+    unet.enable_gradient_checkpointing()
+    batch = {k: v.to(torch.bfloat16) for k, v in _pairs().items()}
+    out = _step(adapter.attach(unet), batch, user_dropout=0.2)
+    assert torch.equal(out.loss.detach(), LOG2)
+    out.loss.backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in adapter.to_v_user.parameters())

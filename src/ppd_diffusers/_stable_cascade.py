@@ -123,7 +123,8 @@ def stage_c_forward(
     if pixels is None:
         pixels = sample.new_zeros(batch_size, 3, 8, 8)
 
-    r_embed = _conditioning_embedding(unet, timestep_ratio, sca, crp)
+    # A float32 timestep keeps its precision in the sinusoidal embedding; only the result is cast.
+    r_embed = _conditioning_embedding(unet, timestep_ratio, sca, crp).to(sample.dtype)
     clip = _clip_embedding(unet, clip_text_pooled, clip_text, clip_img)
 
     x = unet.embedding(sample)

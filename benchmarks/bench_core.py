@@ -1,0 +1,344 @@
+"""Speed and memory of the PPD core, each as a ratio against a baseline measured in the same process.
+
+(a) Inference: one personalized Stage C denoising step (user K'/V' precomputed once, as the pipeline
+    does) against the plain ``StableCascadeUNet`` step, at several batch sizes; plus the naive variant
+    that recomputes K'/V' at every step. A/B runs are interleaved so drift hits both alike.
+(b) Training: one adapter-only PPD step (``ppd_dpo_step`` + backward + AdamW; reference = the same UNet
+    with the adapter off) against one full-model Diffusion-DPO step with a separate frozen reference
+    copy; time and peak memory, with and without gradient checkpointing.
+
+    python benchmarks/bench_core.py --tiny                      # CPU, tiny config, a minute
+    python benchmarks/bench_core.py --configs lite stage_c      # GPU, full size, random weights, bf16
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU each training variant runs
+in a child process and reports its peak resident set above the level after imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from diffusers import StableCascadeUNet
+
+from ppd_diffusers import PPDLoss, UserAdapter, ppd_loss
+from ppd_diffusers.noise import add_noise
+from ppd_diffusers.training import ppd_dpo_step
+
+STAGE_C = dict(
+    in_channels=16,
+    out_channels=16,
+    timestep_ratio_embedding_dim=64,
+    patch_size=1,
+    conditioning_dim=2048,
+    block_out_channels=(2048, 2048),
+    num_attention_heads=(32, 32),
+    down_num_layers_per_block=(8, 24),
+    up_num_layers_per_block=(24, 8),
+    down_blocks_repeat_mappers=(1, 1),
+    up_blocks_repeat_mappers=(1, 1),
+    clip_text_in_channels=1280,
+    clip_text_pooled_in_channels=1280,
+    clip_image_in_channels=768,
+    clip_seq=4,
+    dropout=(0.1, 0.1),
+    self_attn=True,
+    timestep_conditioning_type=("sca", "crp"),
+    switch_level=(False,),
+)
+CONFIGS = {
+    "stage_c": dict(STAGE_C, latent_size=24),
+    "lite": dict(
+        STAGE_C,
+        conditioning_dim=1536,
+        block_out_channels=(1536, 1536),
+        num_attention_heads=(24, 24),
+        down_num_layers_per_block=(4, 12),
+        up_num_layers_per_block=(12, 4),
+        latent_size=24,
+    ),
+    "tiny": dict(
+        STAGE_C,
+        conditioning_dim=64,
+        block_out_channels=(64, 64),
+        num_attention_heads=(4, 4),
+        down_num_layers_per_block=(2, 4),
+        up_num_layers_per_block=(4, 2),
+        clip_text_in_channels=32,
+        clip_text_pooled_in_channels=32,
+        clip_image_in_channels=24,
+        latent_size=12,
+    ),
+}
+TEXT_TOKENS = 77
+
+
+def build(config_name: str, device: str, dtype: torch.dtype, user_dim: int, user_token_dim: int, user_tokens: int):
+    config = dict(CONFIGS[config_name])
+    size = config.pop("latent_size")
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = StableCascadeUNet(**config).to(dtype).eval().requires_grad_(False)
+        adapter = UserAdapter.from_unet(unet, user_dim, num_user_tokens=user_tokens, user_token_dim=user_token_dim)
+    with torch.no_grad():  # a trained-looking adapter: V' = 0 would let kernels skip nothing, but be honest
+        for layer in adapter.to_v_user:
+            layer.weight.normal_(std=0.02)
+    return unet, adapter, size
+
+
+def conditioning(unet: StableCascadeUNet, batch: int, device: str, dtype: torch.dtype) -> dict:
+    c = unet.config
+    return dict(
+        clip_text_pooled=torch.randn(batch, 1, c.clip_text_pooled_in_channels, device=device, dtype=dtype),
+        clip_text=torch.randn(batch, TEXT_TOKENS, c.clip_text_in_channels, device=device, dtype=dtype),
+        clip_img=torch.randn(batch, 1, c.clip_image_in_channels, device=device, dtype=dtype),
+    )
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_median(fns: dict[str, Callable[[], object]], device: str, rounds: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_inference(args, config_name: str, dtype: torch.dtype) -> list[dict]:
+    unet, adapter, size = build(config_name, args.device, dtype, args.user_dim, args.user_token_dim, args.user_tokens)
+    model = adapter.attach(unet)
+    rows = []
+    for batch in args.batch_sizes:
+        sample = torch.randn(batch, 16, size, size, device=args.device, dtype=dtype)
+        t = torch.rand(batch, device=args.device, dtype=dtype)
+        cond = dict(conditioning(unet, batch, args.device, dtype), timestep_ratio=t)
+        users = torch.randn(batch, args.embed_tokens, args.user_dim, device=args.device, dtype=dtype)
+        with torch.no_grad():
+            fns = {
+                "plain": partial(unet, sample, **cond),
+                "personalized": partial(model, sample, **cond, user_kv=adapter(users)),
+                "personalized_naive": partial(model, sample, **cond, user_embeds=users),
+            }
+            med = interleaved_median(fns, args.device, args.rounds, args.warmup)
+        rows.append(
+            {
+                "config": config_name,
+                "batch": batch,
+                "plain_ms": 1e3 * med["plain"],
+                "personalized_ms": 1e3 * med["personalized"],
+                "ratio": med["personalized"] / med["plain"],
+                "naive_ratio": med["personalized_naive"] / med["plain"],
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def training_step_fn(variant: str, args, config_name: str, dtype: torch.dtype) -> tuple[Callable[[], None], int]:
+    """Returns a closure running one optimizer step of ``variant`` and the number of trained parameters."""
+    unet, adapter, size = build(config_name, args.device, dtype, args.user_dim, args.user_token_dim, args.user_tokens)
+    pairs, device = args.pairs, args.device
+    g = torch.Generator(device).manual_seed(0)
+    lat_w = torch.randn(pairs, 16, size, size, device=device, dtype=dtype, generator=g)
+    lat_l = torch.randn(pairs, 16, size, size, device=device, dtype=dtype, generator=g)
+    cond = conditioning(unet, pairs, device, dtype)
+    users = torch.randn(pairs, args.embed_tokens, args.user_dim, device=device, dtype=dtype)
+    loss_fn = PPDLoss()
+    if variant.endswith("_ckpt"):
+        unet.enable_gradient_checkpointing()
+
+    if variant.startswith("adapter"):
+        model = adapter.attach(unet)
+        optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5)
+
+        def step():
+            out = ppd_dpo_step(
+                model,
+                lat_w,
+                lat_l,
+                cond["clip_text_pooled"],
+                users,
+                clip_text=cond["clip_text"],
+                clip_img=cond["clip_img"],
+                loss_fn=loss_fn,
+                user_dropout=0.1,
+                generator=g,
+            )
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step, sum(p.numel() for p in adapter.parameters())
+
+    # full-model Diffusion-DPO: the whole UNet trains against a separate frozen reference copy
+    del adapter
+    reference = copy.deepcopy(unet)
+    unet.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
+
+    def step():
+        t = torch.rand(pairs, device=device, generator=g)
+        noise = torch.randn(lat_w.shape, device=device, dtype=dtype, generator=g)
+        noise, t = torch.cat([noise, noise]), torch.cat([t, t])
+        noisy = add_noise(torch.cat([lat_w, lat_l]), noise, t)
+        with torch.no_grad():
+            ref = reference(noisy, t.to(dtype), **cond2).sample
+        pred = unet(noisy, t.to(dtype), **cond2).sample
+        ppd_loss(pred, ref, noise).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in unet.parameters())
+
+
+TRAIN_VARIANTS = ("adapter", "adapter_ckpt", "full_dpo", "full_dpo_ckpt")
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def run_child(args, config_name: str, variant: str, dtype_name: str) -> dict:
+    """Peak memory of one training variant on the CPU, measured in a fresh process."""
+    cmd = [sys.executable, __file__, "--child", variant, "--configs", config_name, "--dtype", dtype_name]
+    cmd += ["--pairs", str(args.pairs), "--user-dim", str(args.user_dim), "--user-token-dim", str(args.user_token_dim)]
+    cmd += ["--user-tokens", str(args.user_tokens), "--embed-tokens", str(args.embed_tokens)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def child_main(args, dtype: torch.dtype) -> None:
+    baseline = current_rss_bytes()
+    step, _ = training_step_fn(args.child, args, args.configs[0], dtype)
+    for _ in range(2):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_bytes": peak - baseline}))
+
+
+def bench_training(args, config_name: str, dtype: torch.dtype, dtype_name: str) -> list[dict]:
+    rows = []
+    for variant in TRAIN_VARIANTS:
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        step, trained = training_step_fn(variant, args, config_name, dtype)
+        seconds = interleaved_median({variant: step}, args.device, args.train_rounds, args.warmup)[variant]
+        if args.device.startswith("cuda"):
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = run_child(args, config_name, variant, dtype_name)["peak_bytes"]
+        rows.append(
+            {
+                "config": config_name,
+                "variant": variant,
+                "pairs": args.pairs,
+                "step_s": seconds,
+                "pairs_per_s": args.pairs / seconds,
+                "peak_gib": peak / 2**30,
+                "trained_params_m": trained / 1e6,
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+        del step
+    base = next(r for r in rows if r["variant"] == "full_dpo")
+    for row in rows:
+        row["time_vs_full_dpo"] = row["step_s"] / base["step_s"]
+        row["memory_vs_full_dpo"] = row["peak_gib"] / base["peak_gib"]
+    return rows
+
+
+def hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"Hardware: {result['hardware']}; dtype {result['dtype']}.", ""]
+    lines += ["| config | batch | plain step (ms) | personalized (ms) | ratio | naive ratio (K'/V' every step) |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for r in result["inference"]:
+        lines.append(
+            f"| {r['config']} | {r['batch']} | {r['plain_ms']:.2f} | {r['personalized_ms']:.2f} | "
+            f"{r['ratio']:.3f} | {r['naive_ratio']:.3f} |"
+        )
+    lines += [
+        "",
+        ("| config | variant | pairs | step (s) | pairs/s | peak (GiB) | time vs full DPO | memory vs full DPO |"),
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for r in result["training"]:
+        lines.append(
+            f"| {r['config']} | {r['variant']} | {r['pairs']} | {r['step_s']:.3f} | {r['pairs_per_s']:.2f} | "
+            f"{r['peak_gib']:.3f} | {r['time_vs_full_dpo']:.2f} | {r['memory_vs_full_dpo']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized config and fp32 (overrides the rest)")
+    parser.add_argument("--configs", nargs="+", default=["lite", "stage_c"], choices=sorted(CONFIGS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--user-dim", type=int, default=896, help="encoder width (LLaVA-OneVision 0.5B: 896)")
+    parser.add_argument("--user-token-dim", type=int, default=768)
+    parser.add_argument("--user-tokens", type=int, default=4, help="user tokens per embedding token")
+    parser.add_argument("--embed-tokens", type=int, default=16, help="embedding tokens per user (64 user tokens)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--train-rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--output", help="write the JSON result here")
+    parser.add_argument("--child", choices=TRAIN_VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.tiny:
+        args.configs, args.device, args.dtype = ["tiny"], "cpu", "fp32"
+        args.user_dim, args.user_token_dim = 64, 32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.child:
+        child_main(args, dtype)
+        return
+
+    result = {"hardware": hardware(args.device), "dtype": args.dtype, "inference": [], "training": []}
+    for config_name in args.configs:
+        result["inference"] += bench_inference(args, config_name, dtype)
+        if not args.skip_training:
+            result["training"] += bench_training(args, config_name, dtype, args.dtype)
+    text = json.dumps(result, indent=2)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    print(text)
+    print(to_markdown(result))
+
+
+if __name__ == "__main__":
+    main()
