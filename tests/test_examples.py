@@ -20,7 +20,8 @@ def test_quickstart_learns_each_users_preference():
     )
     log = result.stderr
     assert "first loss 0.6931" in log
-    found = re.findall(r"user ([AB]): implicit accuracy with own embedding ([\d.]+), with the other user's ([\d.]+)", log)
+    pattern = r"user ([AB]): implicit accuracy with own embedding ([\d.]+), with the other user's ([\d.]+)"
+    found = re.findall(pattern, log)
     assert [user for user, _, _ in found] == ["A", "B"]
     for _, own, other in found:
         assert float(own) >= 0.9 and float(other) <= 0.1
