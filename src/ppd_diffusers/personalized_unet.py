@@ -63,7 +63,7 @@ class PersonalizedStageC(nn.Module):
         user_kv: UserKeyValues | None = None,
         user_scale: float | torch.Tensor | None = None,
         return_dict: bool = True,
-        **unet_kwargs,
+        **unet_kwargs: torch.Tensor | float | None,
     ) -> StableCascadeUNetOutput | tuple[torch.Tensor]:
         """Predicts the noise of ``sample`` for each sample's user.
 
