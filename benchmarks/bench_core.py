@@ -83,13 +83,15 @@ CONFIGS = {
 TEXT_TOKENS = 77
 
 
-def build(config_name: str, device: str, dtype: torch.dtype, user_dim: int, user_token_dim: int, user_tokens: int):
+def build(config_name: str, args, dtype: torch.dtype, adapter_dtype: torch.dtype):
     config = dict(CONFIGS[config_name])
     size = config.pop("latent_size")
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device(args.device):
         unet = StableCascadeUNet(**config).to(dtype).eval().requires_grad_(False)
-        adapter = UserAdapter.from_unet(unet, user_dim, num_user_tokens=user_tokens, user_token_dim=user_token_dim)
+        adapter = UserAdapter.from_unet(
+            unet, args.user_dim, args.user_tokens, args.user_token_dim, torch_dtype=adapter_dtype
+        )
     with torch.no_grad():  # a trained-looking adapter: V' = 0 would let kernels skip nothing, but be honest
         for layer in adapter.to_v_user:
             layer.weight.normal_(std=0.02)
@@ -126,7 +128,8 @@ def interleaved_median(fns: dict[str, Callable[[], object]], device: str, rounds
 
 
 def bench_inference(args, config_name: str, dtype: torch.dtype) -> list[dict]:
-    unet, adapter, size = build(config_name, args.device, dtype, args.user_dim, args.user_token_dim, args.user_tokens)
+    # inference runs the adapter in the UNet's dtype
+    unet, adapter, size = build(config_name, args, dtype, adapter_dtype=dtype)
     model = adapter.attach(unet)
     rows = []
     for batch in args.batch_sizes:
@@ -157,7 +160,8 @@ def bench_inference(args, config_name: str, dtype: torch.dtype) -> list[dict]:
 
 def training_step_fn(variant: str, args, config_name: str, dtype: torch.dtype) -> tuple[Callable[[], None], int]:
     """Returns a closure running one optimizer step of ``variant`` and the number of trained parameters."""
-    unet, adapter, size = build(config_name, args.device, dtype, args.user_dim, args.user_token_dim, args.user_tokens)
+    # training keeps the adapter in float32 (what `UserAdapter.from_unet` defaults to)
+    unet, adapter, size = build(config_name, args, dtype, adapter_dtype=torch.float32)
     pairs, device = args.pairs, args.device
     g = torch.Generator(device).manual_seed(0)
     lat_w = torch.randn(pairs, 16, size, size, device=device, dtype=dtype, generator=g)
@@ -316,7 +320,7 @@ def main() -> None:
     parser.add_argument("--train-rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--skip-training", action="store_true")
-    parser.add_argument("--output", help="write the JSON result here")
+    parser.add_argument("--output", help="write the result here as JSON, and as a markdown table beside it (.md)")
     parser.add_argument("--child", choices=TRAIN_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tiny:
@@ -332,12 +336,14 @@ def main() -> None:
         result["inference"] += bench_inference(args, config_name, dtype)
         if not args.skip_training:
             result["training"] += bench_training(args, config_name, dtype, args.dtype)
-    text = json.dumps(result, indent=2)
+    text, table = json.dumps(result, indent=2), to_markdown(result)
     if args.output:
         with open(args.output, "w") as f:
-            f.write(text)
+            f.write(text + "\n")
+        with open(args.output.removesuffix(".json") + ".md", "w") as f:
+            f.write(table + "\n")
     print(text)
-    print(to_markdown(result))
+    print(table)
 
 
 if __name__ == "__main__":

@@ -74,8 +74,23 @@ def test_per_sample_scale_switches_single_samples_off(unet, adapter):
         mixed = model(**inputs, user_embeds=users, user_scale=torch.tensor([1.0, 0.0, 1.0])).sample
         on = model(**inputs, user_embeds=users).sample
         base = unet(**inputs).sample
+        # one user, a per-sample scale: the user is broadcast to the scale's batch
+        one_user = model(**inputs, user_embeds=users[:1], user_scale=torch.tensor([0.0, 1.0, 0.0])).sample
+        expected = model(**inputs, user_embeds=users[:1]).sample
     assert torch.equal(mixed[1], base[1])
     assert torch.equal(mixed[[0, 2]], on[[0, 2]])
+    assert torch.equal(one_user[[0, 2]], base[[0, 2]])
+    torch.testing.assert_close(one_user[1], expected[1])
+
+
+def test_scale_is_folded_into_the_values(unet, adapter):
+    randomize_(adapter)
+    users = _users(3)
+    with torch.no_grad():
+        plain, half = adapter(users), adapter(users, scale=0.5)
+    assert all(torch.equal(k, k2) for k, k2 in zip(plain.keys, half.keys))
+    assert all(torch.equal(0.5 * v, v2) for v, v2 in zip(plain.values, half.values))
+    assert half.scale == 0.5
 
 
 def test_precomputed_user_kv_equals_user_embeds(unet, adapter):
@@ -110,11 +125,24 @@ def test_save_load_roundtrip_gives_identical_outputs(unet, adapter, tmp_path):
         assert torch.equal(loaded.attach(unet)(**inputs, user_embeds=users).sample, expected)
 
 
+def test_config_records_the_release_that_saved_the_weights(adapter, tmp_path):
+    adapter.save_pretrained(tmp_path / "old")
+    config_path = tmp_path / "old" / "config.json"
+    config_path.write_text(config_path.read_text().replace(__version__, "0.0.1"))
+    loaded = UserAdapter.from_pretrained(tmp_path / "old")
+    assert loaded.config.ppd_diffusers_version == "0.0.1"
+    loaded.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["ppd_diffusers_version"] == __version__
+
+
 def test_attach_and_training_leave_the_base_weights_untouched(unet, adapter):
     before = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.train()
     model = adapter.attach(unet)
     assert model.detach() is unet
-    unet.requires_grad_(False)
+    assert not unet.training and not any(p.requires_grad for p in unet.parameters())
+    model.train()
+    assert model.training and adapter.training and not unet.training
     optimizer = torch.optim.SGD(adapter.parameters(), lr=0.1)
     model(**unet_inputs(unet), user_embeds=_users(3)).sample.square().mean().backward()
     optimizer.step()
@@ -122,13 +150,36 @@ def test_attach_and_training_leave_the_base_weights_untouched(unet, adapter):
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
 
 
-def test_only_adapter_parameters_receive_gradients(unet, adapter):
-    unet.requires_grad_(False)
+def test_only_adapter_parameters_receive_gradients(saved_unet_dir):
+    unet = StableCascadeUNet.from_pretrained(saved_unet_dir)  # trainable and in train mode as loaded
+    assert all(p.requires_grad for p in unet.parameters())
+    adapter = UserAdapter.from_unet(unet, user_embed_dim=USER_DIM, num_user_tokens=3, user_token_dim=8)
     model = adapter.attach(unet)
     model(**unet_inputs(unet), user_embeds=_users(3)).sample.square().mean().backward()
     assert all(p.grad is None for p in unet.parameters())
-    # V' is zero at init, so only V' (and nothing upstream of it) gets a gradient on the first step
-    assert all(layer.weight.grad.abs().sum() > 0 for layer in adapter.to_v_user)
+    # V' is zero at init, so on the first step only V' gets a gradient ...
+    grads = {name: p.grad for name, p in adapter.named_parameters()}
+    assert all(grads[name].abs().sum() > 0 for name in grads if name.startswith("to_v_user"))
+    assert all(grads[name] is None or grads[name].abs().sum() == 0 for name in grads if "to_v_user" not in name)
+    # ... and once V' is non-zero every adapter parameter does
+    randomize_(adapter)
+    adapter.zero_grad(set_to_none=True)
+    model(**unet_inputs(unet), user_embeds=_users(3)).sample.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def count_checkpointed_calls(unet: StableCascadeUNet) -> list[int]:
+    """Wraps the checkpoint function diffusers installed so a test can see it was really used."""
+    calls = [0]
+    inner = unet._gradient_checkpointing_func
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    unet._gradient_checkpointing_func = counting
+    return calls
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(adapter, saved_unet_dir):
@@ -136,27 +187,48 @@ def test_gradient_checkpointing_gives_the_same_gradients(adapter, saved_unet_dir
     grads = []
     for checkpointing in (False, True):
         unet = StableCascadeUNet.from_pretrained(saved_unet_dir).eval().requires_grad_(False)
+        calls = [0]
         if checkpointing:
             unet.enable_gradient_checkpointing()
+            calls = count_checkpointed_calls(unet)
         adapter.zero_grad(set_to_none=True)
         out = adapter.attach(unet)(**unet_inputs(unet), user_embeds=_users(3)).sample
         out.square().mean().backward()
         grads.append([p.grad.clone() for p in adapter.parameters()])
+        # every res, timestep and attention block of the 3 + 3 layers ran through the checkpoint function
+        assert calls[0] == (18 if checkpointing else 0)
     for plain, checkpointed in zip(*grads):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
 
 
-def test_bf16_fresh_adapter_equals_base_bit_for_bit(saved_unet_dir):
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_unet_fresh_adapter_equals_base_bit_for_bit(saved_unet_dir, adapter_dtype):
     unet = StableCascadeUNet.from_pretrained(saved_unet_dir, torch_dtype=torch.bfloat16).eval()
-    adapter = UserAdapter.from_unet(unet, user_embed_dim=USER_DIM)
-    assert adapter.dtype == torch.bfloat16
+    adapter = UserAdapter.from_unet(unet, user_embed_dim=USER_DIM, torch_dtype=adapter_dtype)
+    assert adapter.dtype == adapter_dtype
+    model = adapter.attach(unet)
     inputs = {k: v.to(torch.bfloat16) for k, v in unet_inputs(unet).items()}
     with torch.no_grad():
-        out = adapter.attach(unet)(**inputs, user_embeds=_users(3)).sample
+        out = model(**inputs, user_embeds=_users(3)).sample
         assert out.dtype == torch.bfloat16
         assert torch.equal(out, unet(**inputs).sample)
         randomize_(adapter)
-        assert torch.isfinite(adapter.attach(unet)(**inputs, user_embeds=_users(3).float()).sample).all()
+        user_kv = adapter(_users(3)).to(torch.bfloat16)  # cast once per generation, not per step
+        personalized = model(**inputs, user_kv=user_kv).sample
+        assert torch.isfinite(personalized).all() and not torch.equal(personalized, out)
+
+
+def test_personalized_forward_compiles_without_graph_breaks(unet, adapter):
+    randomize_(adapter)
+    model = adapter.attach(unet)
+    inputs, users = unet_inputs(unet), _users(3)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        user_kv = adapter(users)
+        torch.testing.assert_close(compiled(**inputs, user_kv=user_kv).sample, model(**inputs, user_kv=user_kv).sample)
+    unet.enable_gradient_checkpointing()
+    compiled(**inputs, user_embeds=users).sample.mean().backward()
+    assert all(p.grad is not None for p in adapter.parameters())
 
 
 def test_mismatched_unet_raises_naming_both_shapes(adapter):
@@ -177,8 +249,12 @@ def test_bad_inputs_raise_clear_errors(unet, adapter):
         model(**inputs, user_embeds=_users(2))
     with pytest.raises(ValueError, match="either `user_embeds` or `user_kv`"):
         model(**inputs, user_embeds=_users(3), user_kv=adapter(_users(3)))
-    with pytest.raises(ValueError, match=r"`user_scale` must be a float or a \(3,\) tensor"):
+    with pytest.raises(ValueError, match=r"`scale` must be a float or a \(batch,\) tensor matching the 3 users"):
         model(**inputs, user_embeds=_users(3), user_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="`user_kv` already carries its scale"):
+        model(**inputs, user_kv=adapter(_users(3)), user_scale=0.5)
+    with pytest.raises(TypeError, match="`adapter` must be a `UserAdapter`"):
+        PersonalizedStageC(unet, torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="`block_channels` and `block_heads`"):
         UserAdapter(user_embed_dim=4, block_channels=[8, 8], block_heads=[2])
     with pytest.raises(ValueError, match="`user_token_dim` must be a positive integer"):

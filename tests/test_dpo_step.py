@@ -6,10 +6,11 @@ import pytest
 import torch
 from diffusers import StableCascadeUNet
 
-from ppd_diffusers import PPDLoss, UserAdapter
+from ppd_diffusers import PersonalizedStageC, PPDLoss, UserAdapter
 from ppd_diffusers.training import ppd_dpo_step
 
 from .conftest import USER_DIM, randomize_
+from .test_adapter import count_checkpointed_calls
 
 LOG2 = torch.tensor(0.6931471805599453, dtype=torch.float32)
 
@@ -31,12 +32,12 @@ def _step(model, batch, seed=0, **kwargs):
 
 @pytest.fixture
 def model(unet, adapter):
-    unet.requires_grad_(False)
-    return adapter.attach(unet)
+    return adapter.attach(unet).train()  # train() must not turn on the frozen UNet's dropout
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_first_loss_is_exactly_log_2(model, dropout):
+    assert model.unet.config.dropout == [0.1, 0.1] and not model.unet.training
     out = _step(model, _pairs(), user_dropout=dropout, loss_fn=PPDLoss(beta=5000))
     assert torch.equal(out.loss.detach(), LOG2)
     assert out.implicit_accuracy.item() == 0.5
@@ -79,10 +80,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(adapter, saved_unet_dir
     grads, losses = [], []
     for checkpointing in (False, True):
         unet = StableCascadeUNet.from_pretrained(saved_unet_dir).eval().requires_grad_(False)
+        calls = [0]
         if checkpointing:
             unet.enable_gradient_checkpointing()
+            calls = count_checkpointed_calls(unet)
         adapter.zero_grad(set_to_none=True)
         out = _step(adapter.attach(unet), _pairs(), loss_fn=PPDLoss(beta=50.0))
+        assert calls[0] == (18 if checkpointing else 0)  # the reference pass runs under no_grad: not checkpointed
         out.loss.backward()
         losses.append(out.loss.detach())
         grads.append([p.grad.clone() for p in adapter.parameters()])
@@ -133,4 +137,23 @@ def test_bf16_step_runs_and_starts_at_log_2(saved_unet_dir):
     out = _step(adapter.attach(unet), batch, user_dropout=0.2)
     assert torch.equal(out.loss.detach(), LOG2)
     out.loss.backward()
-    assert all(p.grad.dtype == torch.bfloat16 for p in adapter.to_v_user.parameters())
+    assert adapter.dtype == torch.float32  # trainable weights stay float32 beside a bf16 UNet
+    assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in adapter.to_v_user.parameters())
+
+
+def test_step_through_a_ddp_wrapped_adapter(unet, adapter, tmp_path):
+    # what `accelerator.prepare(adapter)` gives: only the adapter is distributed and checkpointed
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(adapter)
+        model = PersonalizedStageC(unet, wrapped)
+        out = _step(model, _pairs())
+        assert torch.equal(out.loss.detach(), LOG2)
+        out.loss.backward()
+        assert all(p.grad is not None for p in adapter.to_v_user.parameters())
+        assert set(wrapped.state_dict()) == {f"module.{k}" for k in adapter.state_dict()}
+    finally:
+        dist.destroy_process_group()

@@ -118,13 +118,25 @@ def test_weight_multiplies_beta(pairs, seed, beta, w):
 
 
 @settings(max_examples=40, deadline=None)
-@given(pairs=st.integers(1, 4), seed=st.integers(0, 2**31 - 1), shift=st.floats(-2.0, 2.0))
-def test_loss_depends_only_on_the_difference_of_errors(pairs, seed, shift):
-    # The same prediction error added to a pair's two samples in both policy and reference cancels out.
+@given(pairs=st.integers(1, 4), seed=st.integers(0, 2**31 - 1), beta=st.floats(0.01, 10.0))
+def test_swapping_policy_and_reference_negates_inside(pairs, seed, beta):
     model_pred, ref_pred, target = _batch(pairs, seed, shape=(3,))
-    out = ppd_loss(model_pred, ref_pred, target, beta=1.0)
-    moved = ppd_loss(model_pred + shift, ref_pred + shift, target + shift, beta=1.0)
-    torch.testing.assert_close(moved.loss, out.loss, rtol=1e-4, atol=1e-5)
+    out = ppd_loss(model_pred, ref_pred, target, beta=beta)
+    swapped = ppd_loss(ref_pred, model_pred, target, beta=beta)
+    torch.testing.assert_close(swapped.inside, -out.inside)
+    assert torch.equal(swapped.model_diff, out.ref_diff) and torch.equal(swapped.ref_diff, out.model_diff)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pairs=st.integers(2, 5), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_permuting_pairs_permutes_diagnostics_and_keeps_the_loss(pairs, seed, data):
+    model_pred, ref_pred, target = _batch(pairs, seed, shape=(3,))
+    perm = torch.tensor(data.draw(st.permutations(range(pairs))))
+    both = torch.cat([perm, perm + pairs])  # the same permutation in both halves keeps pairs together
+    out = ppd_loss(model_pred, ref_pred, target)
+    permuted = ppd_loss(model_pred[both], ref_pred[both], target[both])
+    assert torch.equal(permuted.inside, out.inside[perm])
+    torch.testing.assert_close(permuted.loss, out.loss)
 
 
 def test_bad_inputs_raise_clear_errors():

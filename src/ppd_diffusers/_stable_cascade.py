@@ -45,21 +45,30 @@ def _is_attn(block: torch.nn.Module) -> bool:
     return isinstance(block, SDCascadeAttnBlock)
 
 
-def _attn_block_forward(
-    block: SDCascadeAttnBlock,
-    x: torch.Tensor,
-    clip: torch.Tensor,
-    user_key: torch.Tensor,
-    user_value: torch.Tensor,
-    user_scale: float | torch.Tensor,
-) -> torch.Tensor:
-    # Same steps as SDCascadeAttnBlock.forward, with the user term added inside the attention.
-    kv = block.kv_mapper(clip)
-    norm_x = block.norm(x)
-    if block.self_attn:
-        batch_size, channel, _, _ = x.shape
-        kv = torch.cat([norm_x.view(batch_size, channel, -1).transpose(1, 2), kv], dim=1)
-    return x + decoupled_attention(block.attention, norm_x, kv, user_key, user_value, user_scale)
+class _PersonalizedAttnBlock(torch.nn.Module):
+    """``SDCascadeAttnBlock.forward`` with the user term added inside the attention.
+
+    A stateless module rather than a function: diffusers' checkpointing helper calls
+    ``module.__call__``, which torch.compile traces for modules but not for plain functions.
+    """
+
+    def forward(
+        self,
+        block: SDCascadeAttnBlock,
+        x: torch.Tensor,
+        clip: torch.Tensor,
+        user_key: torch.Tensor,
+        user_value: torch.Tensor,
+    ) -> torch.Tensor:
+        kv = block.kv_mapper(clip)
+        norm_x = block.norm(x)
+        if block.self_attn:
+            batch_size, channel, _, _ = x.shape
+            kv = torch.cat([norm_x.view(batch_size, channel, -1).transpose(1, 2), kv], dim=1)
+        return x + decoupled_attention(block.attention, norm_x, kv, user_key, user_value)
+
+
+_personalized_attn_block = _PersonalizedAttnBlock()
 
 
 def _conditioning_embedding(
@@ -106,15 +115,15 @@ def stage_c_forward(
     crp: torch.Tensor | float | None = None,
     user_keys: Sequence[torch.Tensor] | None = None,
     user_values: Sequence[torch.Tensor] | None = None,
-    user_scale: float | torch.Tensor = 1.0,
 ) -> StableCascadeUNetOutput:
     """Runs ``unet`` like ``StableCascadeUNet.forward``, with optional user keys/values per attention block.
 
-    ``user_keys[i]``/``user_values[i]`` belong to the i-th block of ``attention_blocks(unet)``; a block
-    that a repeat mapper runs twice sees its own pair both times. With ``user_keys=None`` the result
-    equals ``unet(...)`` bit for bit wherever diffusers accepts the inputs; in addition this accepts a
-    2-D ``clip_text_pooled``, per-sample ``sca``/``crp`` tensors and a scalar ``timestep_ratio``, and
-    supplies the zero image embedding that makes ``clip_text`` count (see ``_clip_embedding``).
+    ``user_keys[i]``/``user_values[i]`` (values with the user scale folded in) belong to the i-th block
+    of ``attention_blocks(unet)``; a block that a repeat mapper runs twice sees its own pair both times.
+    With ``user_keys=None`` the result equals ``unet(...)`` bit for bit wherever diffusers accepts the
+    inputs and ``clip_text`` comes with ``clip_img``. In addition this accepts a 2-D ``clip_text_pooled``,
+    per-sample ``sca``/``crp`` tensors and a scalar ``timestep_ratio``, and supplies the zero image
+    embedding that makes ``clip_text`` count without ``clip_img`` (see ``_clip_embedding``).
     """
     batch_size = sample.shape[0]
     timestep_ratio = torch.as_tensor(timestep_ratio, device=sample.device)
@@ -145,8 +154,8 @@ def stage_c_forward(
             if user_keys is None:
                 fn, args = block, (x, clip)
             else:
-                user = (user_keys[attn_index], user_values[attn_index], user_scale)
-                fn, args = _attn_block_forward, (block, x, clip, *user)
+                user = (user_keys[attn_index], user_values[attn_index])
+                fn, args = _personalized_attn_block, (block, x, clip, *user)
         else:
             fn, args = block, (x,)
         if checkpointing:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from itertools import groupby
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import ConfigMixin, ModelMixin, StableCascadeUNet
@@ -25,8 +26,8 @@ class UserKeyValues:
 
     Args:
         keys: One tensor per attention block, ``(batch, heads, user_tokens, head_dim)``.
-        values: Same shapes as ``keys``.
-        scale: Weight of the user term, a float or a ``(batch,)`` tensor (0 turns a sample's user off).
+        values: Same shapes as ``keys``, already multiplied by ``scale``.
+        scale: The user scale folded into ``values`` (a float or a ``(batch,)`` tensor), for reference.
     """
 
     keys: tuple[torch.Tensor, ...]
@@ -36,6 +37,14 @@ class UserKeyValues:
     @property
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
+
+    def to(self, *args, **kwargs) -> UserKeyValues:
+        """Moves/casts every tensor like ``torch.Tensor.to`` (e.g. to the UNet's dtype once per generation)."""
+        return UserKeyValues(
+            keys=tuple(k.to(*args, **kwargs) for k in self.keys),
+            values=tuple(v.to(*args, **kwargs) for v in self.values),
+            scale=self.scale,
+        )
 
 
 def _describe(shapes: list[tuple[int, int]]) -> str:
@@ -52,9 +61,9 @@ class UserAdapter(ModelMixin, ConfigMixin):
     ``V'_i = u W_v'_i``, attended beside the block's normal keys and values (see
     ``decoupled_attention``). ``W_v'`` starts at zero, so a fresh adapter leaves the UNet unchanged.
 
-    The adapter never modifies the UNet it serves: ``attach`` only checks that the shapes fit and
-    returns a ``PersonalizedStageC`` that runs both. Calling the adapter computes the user keys/values
-    once, to reuse at every denoising step.
+    The adapter never changes the UNet's weights: ``attach`` checks that the shapes fit and returns a
+    ``PersonalizedStageC`` that runs both. Calling the adapter computes the user keys/values once, to
+    reuse at every denoising step.
 
     Args:
         user_embed_dim: Width of the incoming user embedding (the VLM hidden size, e.g. 896).
@@ -63,6 +72,7 @@ class UserAdapter(ModelMixin, ConfigMixin):
         num_user_tokens: User tokens produced per input embedding token.
         user_token_dim: Width of a user token (smaller is cheaper: K'/V' cost
             ``2 * user_token_dim * channels`` parameters per block).
+        ppd_diffusers_version: The release that saved the weights; filled in automatically.
 
     Example:
         >>> from diffusers import StableCascadeUNet
@@ -103,10 +113,8 @@ class UserAdapter(ModelMixin, ConfigMixin):
         for channels, heads in zip(block_channels, block_heads, strict=True):
             if channels % heads:
                 raise ValueError(f"`block_channels` entry {channels} is not divisible by its `block_heads` {heads}.")
-        # The config records which release wrote the weights (house rule 1).
-        from . import __version__
-
-        self.register_to_config(ppd_diffusers_version=__version__)
+        if ppd_diffusers_version is None:
+            self.register_to_config(ppd_diffusers_version=_package_version())
 
         self.user_proj = nn.Linear(user_embed_dim, num_user_tokens * user_token_dim)
         self.user_norm = nn.LayerNorm(user_token_dim)
@@ -117,15 +125,22 @@ class UserAdapter(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_unet(
-        cls, unet: StableCascadeUNet, user_embed_dim: int, num_user_tokens: int = 4, user_token_dim: int = 768
+        cls,
+        unet: StableCascadeUNet,
+        user_embed_dim: int,
+        num_user_tokens: int = 4,
+        user_token_dim: int = 768,
+        torch_dtype: torch.dtype = torch.float32,
     ) -> UserAdapter:
-        """Builds an adapter whose blocks match ``unet`` (same count, widths and heads), in ``unet``'s dtype.
+        """Builds an adapter whose blocks match ``unet`` (same count, widths and heads), on ``unet``'s device.
 
         Args:
             unet: The Stage C ``StableCascadeUNet`` to personalize.
             user_embed_dim: Width of the incoming user embedding.
             num_user_tokens: User tokens produced per input embedding token.
             user_token_dim: Width of a user token.
+            torch_dtype: The adapter's dtype. Keep float32 for training even with a bf16 UNet: bf16
+                weights drop most AdamW updates at the learning rates PPD uses (1e-5).
         """
         shapes = attention_block_shapes(unet)
         if not shapes:
@@ -137,9 +152,17 @@ class UserAdapter(ModelMixin, ConfigMixin):
             num_user_tokens=num_user_tokens,
             user_token_dim=user_token_dim,
         )
-        if unet.dtype != adapter.dtype or unet.device != adapter.device:
-            adapter = adapter.to(device=unet.device, dtype=unet.dtype)
-        return adapter
+        if torch_dtype != adapter.dtype:
+            adapter = adapter.to(dtype=torch_dtype)
+        return adapter.to(unet.device) if unet.device != adapter.device else adapter
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Writes ``config.json`` and safetensors weights (see ``ModelMixin.save_pretrained``).
+
+        The config records the ppd-diffusers release that saved the weights.
+        """
+        self.register_to_config(ppd_diffusers_version=_package_version())
+        super().save_pretrained(save_directory, **kwargs)
 
     def check_unet(self, unet: StableCascadeUNet) -> None:
         """Raises ``ValueError`` naming both shapes if this adapter does not fit ``unet``."""
@@ -171,8 +194,7 @@ class UserAdapter(ModelMixin, ConfigMixin):
                 f"`user_embed_dim`, got {tuple(user_embeds.shape)}."
             )
         batch_size, tokens, _ = user_embeds.shape
-        weight = self.user_proj.weight
-        tokens_out = self.user_proj(user_embeds.to(weight.dtype))
+        tokens_out = self.user_proj(user_embeds.to(self.user_proj.weight))
         tokens_out = tokens_out.view(batch_size, tokens * self.config.num_user_tokens, self.config.user_token_dim)
         return self.user_norm(tokens_out)
 
@@ -182,21 +204,38 @@ class UserAdapter(ModelMixin, ConfigMixin):
         Args:
             user_embeds: ``(batch, tokens, user_embed_dim)`` or ``(batch, user_embed_dim)``; row ``b`` is the
                 user of sample ``b`` (a batch of one serves the whole batch).
-            scale: Weight of the user term, a float or a ``(batch,)`` tensor.
+            scale: Weight of the user term, a float or a per-sample ``(batch,)`` tensor (0 switches a
+                sample's user off); folded into the values here so the denoising steps need no multiply.
 
         Returns:
             A ``UserKeyValues`` with keys and values split into each block's heads.
         """
         tokens = self.project(user_embeds)
         batch_size, length, _ = tokens.shape
+        if isinstance(scale, torch.Tensor) and scale.ndim > 0:
+            if scale.ndim != 1 or batch_size not in (1, scale.shape[0]):
+                raise ValueError(
+                    f"`scale` must be a float or a (batch,) tensor matching the {batch_size} users, "
+                    f"got shape {tuple(scale.shape)}."
+                )
+            tokens = tokens.expand(scale.shape[0], -1, -1)
+            batch_size = scale.shape[0]
+            value_scale = scale.to(tokens).view(-1, 1, 1, 1)
+        else:
+            value_scale = scale
 
         def heads(layer: nn.Linear, num_heads: int) -> torch.Tensor:
-            out = layer(tokens)
-            return out.view(batch_size, length, num_heads, -1).transpose(1, 2)
+            return layer(tokens).view(batch_size, length, num_heads, -1).transpose(1, 2)
 
         block_heads = self.config.block_heads
         keys = tuple(heads(layer, h) for layer, h in zip(self.to_k_user, block_heads, strict=True))
         values = tuple(heads(layer, h) for layer, h in zip(self.to_v_user, block_heads, strict=True))
-        if isinstance(scale, torch.Tensor) and scale.ndim > 1:
-            raise ValueError(f"`scale` must be a float or a 1-D per-sample tensor, got shape {tuple(scale.shape)}.")
+        if not (isinstance(value_scale, float | int) and value_scale == 1):
+            values = tuple(v * value_scale for v in values)
         return UserKeyValues(keys=keys, values=values, scale=scale)
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__

@@ -5,9 +5,11 @@ over the user tokens with its own keys and values ``K' = u W_k'`` and ``V' = u W
 
     Z' = softmax(Q K^T / sqrt(d)) V + scale * softmax(Q K'^T / sqrt(d)) V'
 
-Both terms are summed *before* the layer's output projection, as in IP-Adapter. The base term is
-computed with exactly the operations of diffusers' default ``AttnProcessor2_0``, so a zero ``V'``
-(the adapter's initial state) or ``scale == 0`` reproduces the base layer bit for bit.
+Both terms are summed *before* the layer's output projection, as in IP-Adapter. ``scale`` is folded
+into ``V'`` beforehand (``scale * softmax(Q K'^T) V' = softmax(Q K'^T) (scale * V')``), once per
+generation rather than at every step. The base term is computed with exactly the operations of
+diffusers' default ``AttnProcessor2_0``, so a zero ``V'`` (the adapter's initial state, or scale 0)
+reproduces the base layer bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ def decoupled_attention(
     encoder_hidden_states: torch.Tensor,
     user_key: torch.Tensor | None = None,
     user_value: torch.Tensor | None = None,
-    user_scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """Runs ``attn`` on ``hidden_states`` with an extra, separately normalised user attention.
 
@@ -42,8 +43,8 @@ def decoupled_attention(
         encoder_hidden_states: Base keys/values source, ``(batch, context_tokens, channels)``.
         user_key: User keys already split into heads, ``(batch, heads, user_tokens, head_dim)``;
             ``None`` skips the user term.
-        user_value: User values, same shape as ``user_key``.
-        user_scale: Weight of the user term: a float or a per-sample tensor of shape ``(batch,)``.
+        user_value: User values, same shape as ``user_key``, with the user scale already applied. A batch
+            of one serves every sample.
 
     Returns:
         The attention output, same shape as ``hidden_states``.
@@ -74,11 +75,9 @@ def decoupled_attention(
         user_value = user_value.to(query.dtype)
         if user_key.shape[0] != batch_size:  # one user for the whole batch
             user_key = user_key.expand(batch_size, -1, -1, -1)
+        if user_value.shape[0] != batch_size:
             user_value = user_value.expand(batch_size, -1, -1, -1)
-        user_out = F.scaled_dot_product_attention(query, user_key, user_value, dropout_p=0.0, is_causal=False)
-        if isinstance(user_scale, torch.Tensor) and user_scale.ndim > 0:
-            user_scale = user_scale.to(user_out.dtype).view(-1, 1, 1, 1)
-        out = out + user_scale * user_out
+        out = out + F.scaled_dot_product_attention(query, user_key, user_value, dropout_p=0.0, is_causal=False)
 
     out = out.transpose(1, 2).reshape(batch_size, -1, out.shape[1] * out.shape[-1])
     out = out.to(query.dtype)

@@ -16,14 +16,17 @@ __all__ = ["PersonalizedStageC"]
 class PersonalizedStageC(nn.Module):
     r"""Runs a Stage C ``StableCascadeUNet`` with a ``UserAdapter``, conditioning each sample on its user.
 
-    Neither module is copied or modified: the UNet's weights stay exactly as loaded, and without a
-    user (``user_embeds=None``), with ``user_scale=0`` or with a freshly initialised adapter the output
-    equals ``unet(...)`` bit for bit. User keys/values travel as arguments, so gradient checkpointing
-    (``unet.enable_gradient_checkpointing()``) recomputes blocks with the right user.
+    The UNet's weights are never changed. Like peft with its base models, this freezes the UNet
+    (``requires_grad_(False)``) and keeps it in ``eval()`` even when ``train()`` is called: its dropout
+    would otherwise give the DPO reference and policy passes different masks. Without a user
+    (``user_embeds=None``), with ``user_scale=0`` or with a freshly initialised adapter the output equals
+    ``unet(...)`` bit for bit for the same inputs. User keys/values travel as arguments, so gradient
+    checkpointing (``unet.enable_gradient_checkpointing()``) recomputes blocks with the right user.
 
     Args:
-        unet: The (usually frozen) Stage C UNet.
-        adapter: A ``UserAdapter`` built for this UNet (checked: a mismatch raises ``ValueError``).
+        unet: The Stage C UNet.
+        adapter: A ``UserAdapter`` built for this UNet (checked: a mismatch raises ``ValueError``). It may be
+            wrapped by ``accelerate``/DDP, so that only the adapter is distributed and checkpointed.
 
     Example:
         >>> import torch
@@ -32,7 +35,7 @@ class PersonalizedStageC(nn.Module):
         ...     block_out_channels=(32, 32), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
         ...     up_num_layers_per_block=(1, 1), conditioning_dim=32, clip_text_pooled_in_channels=16,
         ...     clip_text_in_channels=16, clip_image_in_channels=16, in_channels=4, out_channels=4,
-        ...     switch_level=(False,)).eval()
+        ...     switch_level=(False,))
         >>> model = UserAdapter.from_unet(unet, user_embed_dim=24).attach(unet)
         >>> sample, t, pooled = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 1, 16)
         >>> users = torch.randn(2, 1, 24)  # a different user for each sample
@@ -41,14 +44,21 @@ class PersonalizedStageC(nn.Module):
         True
     """
 
-    def __init__(self, unet: StableCascadeUNet, adapter: UserAdapter):
+    def __init__(self, unet: StableCascadeUNet, adapter: UserAdapter | nn.Module):
         super().__init__()
-        adapter.check_unet(unet)
-        self.unet = unet
+        self._adapter_config = _unwrap(adapter).config
+        _unwrap(adapter).check_unet(unet)
+        self.unet = unet.requires_grad_(False).eval()
         self.adapter = adapter
 
+    def train(self, mode: bool = True) -> PersonalizedStageC:
+        """Sets the adapter's mode; the frozen UNet stays in ``eval()``."""
+        super().train(mode)
+        self.unet.eval()
+        return self
+
     def detach(self) -> StableCascadeUNet:
-        """Returns the base UNet, untouched."""
+        """Returns the base UNet (frozen, in eval mode, weights as loaded)."""
         return self.unet
 
     def forward(
@@ -61,7 +71,7 @@ class PersonalizedStageC(nn.Module):
         *,
         user_embeds: torch.Tensor | None = None,
         user_kv: UserKeyValues | None = None,
-        user_scale: float | torch.Tensor | None = None,
+        user_scale: float | torch.Tensor = 1.0,
         return_dict: bool = True,
         **unet_kwargs: torch.Tensor | float | None,
     ) -> StableCascadeUNetOutput | tuple[torch.Tensor]:
@@ -71,15 +81,15 @@ class PersonalizedStageC(nn.Module):
             sample: Noisy Stage C latents ``(batch, channels, height, width)``.
             timestep_ratio: ``t`` in [0, 1], a float or a ``(batch,)`` tensor.
             clip_text_pooled: Pooled CLIP text embeddings, ``(batch, 1, channels)`` or ``(batch, channels)``.
-            clip_text: CLIP text hidden states ``(batch, tokens, channels)``; a zero image embedding is
-                supplied when ``clip_img`` is missing, so the text tokens are used (diffusers drops them).
+            clip_text: CLIP text hidden states ``(batch, tokens, channels)``. Without ``clip_img`` a zero image
+                embedding is supplied so that the text tokens are used (plain diffusers drops them then).
             clip_img: CLIP image embeddings ``(batch, images, channels)``.
             user_embeds: User embeddings, ``(batch, tokens, user_embed_dim)``; row ``b`` conditions sample ``b``
                 (a single row conditions every sample). ``None`` runs the base model.
-            user_kv: Precomputed ``adapter(user_embeds)``; pass it instead of ``user_embeds`` to compute the
-                user keys/values once per generation rather than at every step.
-            user_scale: Weight of the user term (float or ``(batch,)`` tensor; 0 gives the base model for
-                that sample). Defaults to ``user_kv.scale``, i.e. 1.0.
+            user_kv: Precomputed ``adapter(user_embeds, scale=...)``; pass it instead of ``user_embeds`` to
+                compute the user keys/values once per generation rather than at every step.
+            user_scale: With ``user_embeds``: weight of the user term, a float or a ``(batch,)`` tensor (0
+                gives the base model for that sample). ``user_kv`` carries its own scale.
             return_dict: Return a ``StableCascadeUNetOutput`` rather than a tuple.
             **unet_kwargs: ``effnet``, ``pixels``, ``sca``, ``crp`` as in ``StableCascadeUNet.forward``.
 
@@ -88,18 +98,17 @@ class PersonalizedStageC(nn.Module):
         """
         if user_embeds is not None and user_kv is not None:
             raise ValueError("Pass either `user_embeds` or `user_kv`, not both.")
+        if user_kv is not None and not (isinstance(user_scale, float | int) and user_scale == 1):
+            raise ValueError(
+                "`user_kv` already carries its scale: compute it with `adapter(user_embeds, scale=...)` instead "
+                "of passing `user_scale`."
+            )
         if user_embeds is not None:
-            user_kv = self.adapter(user_embeds)
+            user_kv = self.adapter(user_embeds, scale=user_scale)
         keys = values = None
-        scale = 1.0
         if user_kv is not None:
             self._check_user_kv(user_kv, sample.shape[0])
             keys, values = user_kv.keys, user_kv.values
-            scale = user_kv.scale if user_scale is None else user_scale
-            if isinstance(scale, torch.Tensor) and scale.ndim > 0 and scale.shape != (sample.shape[0],):
-                raise ValueError(
-                    f"`user_scale` must be a float or a ({sample.shape[0]},) tensor, got shape {tuple(scale.shape)}."
-                )
         out = stage_c_forward(
             self.unet,
             sample,
@@ -109,20 +118,28 @@ class PersonalizedStageC(nn.Module):
             clip_img,
             user_keys=keys,
             user_values=values,
-            user_scale=scale,
             **unet_kwargs,
         )
         return out if return_dict else (out.sample,)
 
     def _check_user_kv(self, user_kv: UserKeyValues, batch_size: int) -> None:
-        blocks = len(self.adapter.config.block_channels)
+        blocks = len(self._adapter_config.block_channels)
         if len(user_kv.keys) != blocks or len(user_kv.values) != blocks:
             raise ValueError(
                 f"`user_kv` holds {len(user_kv.keys)} blocks, but the UNet has {blocks} attention blocks: compute it "
                 "with the adapter attached here."
             )
-        if user_kv.batch_size not in (1, batch_size):
+        if user_kv.batch_size not in (1, batch_size) or user_kv.values[0].shape[0] not in (1, batch_size):
             raise ValueError(
                 f"`user_embeds`/`user_kv` has {user_kv.batch_size} users for a batch of {batch_size} samples: "
                 "pass one user per sample, or a single user for all of them."
             )
+
+
+def _unwrap(module: nn.Module) -> UserAdapter:
+    """The ``UserAdapter`` inside a DDP/accelerate wrapper (``.module``) or the module itself."""
+    while not isinstance(module, UserAdapter) and hasattr(module, "module"):
+        module = module.module
+    if not isinstance(module, UserAdapter):
+        raise TypeError(f"`adapter` must be a `UserAdapter` (possibly wrapped by accelerate), got {type(module)}.")
+    return module
