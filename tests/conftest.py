@@ -63,6 +63,32 @@ def randomize_(adapter: UserAdapter, seed: int = 0, std: float = 0.5) -> UserAda
     return adapter
 
 
+def gradients_with_and_without_checkpointing(saved_unet_dir: str, adapter: UserAdapter, loss_of) -> list[list]:
+    """Adapter gradients of ``loss_of(model)`` without, then with gradient checkpointing.
+
+    Also checks that checkpointing really ran: every res, timestep and attention block of the tiny
+    UNet's 3 + 3 layers (18 blocks) must go through diffusers' checkpoint function.
+    """
+    grads = []
+    for checkpointing in (False, True):
+        unet = StableCascadeUNet.from_pretrained(saved_unet_dir)
+        calls = [0]
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+            inner = unet._gradient_checkpointing_func
+
+            def counting(*args, inner=inner, calls=calls):
+                calls[0] += 1
+                return inner(*args)
+
+            unet._gradient_checkpointing_func = counting
+        adapter.zero_grad(set_to_none=True)
+        loss_of(adapter.attach(unet)).backward()
+        assert calls[0] == (18 if checkpointing else 0)
+        grads.append([p.grad.clone() for p in adapter.parameters()])
+    return grads
+
+
 @pytest.fixture(scope="session")
 def saved_unet_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("prior")
