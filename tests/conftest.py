@@ -106,3 +106,42 @@ def unet(saved_unet_dir) -> StableCascadeUNet:
 def adapter(unet) -> UserAdapter:
     torch.manual_seed(2)
     return UserAdapter.from_unet(unet, user_embed_dim=USER_DIM, num_user_tokens=3, user_token_dim=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> str:
+    from .tiny_models import save_tiny_llava_onevision
+
+    path = tmp_path_factory.mktemp("tiny-llava-onevision")
+    save_tiny_llava_onevision(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> str:
+    from .tiny_models import save_tiny_clip
+
+    path = tmp_path_factory.mktemp("tiny-clip")
+    save_tiny_clip(path)
+    return str(path)
+
+
+def random_image(rng, size: tuple[int, int] | None = None):
+    """A random RGB PIL image of a random (or given) size."""
+    import numpy as np
+    import PIL.Image
+
+    height, width = size or (int(rng.integers(16, 80)), int(rng.integers(16, 80)))
+    return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def random_users(num_users: int, num_pairs: int = 4, seed: int = 0) -> list[list[tuple]]:
+    """Users as lists of (prompt, chosen, rejected) tuples of random images."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = ["red cat", "blue dog", "a photo", "grass"]
+    return [
+        [(f"{words[(u + i) % 4]} {u} {i}", random_image(rng), random_image(rng)) for i in range(num_pairs)]
+        for u in range(num_users)
+    ]

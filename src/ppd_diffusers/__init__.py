@@ -17,6 +17,11 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 # public name -> submodule that defines it
 _LAZY_NAMES = {
+    "BasePreferenceEncoder": "encoder_base",
+    "CLIPPreferenceEncoder": "clip_preference_encoder",
+    "PreferenceEncoder": "preference_encoder",
+    "PreferencePair": "preference_pairs",
+    "UserEmbeddingCache": "embedding_cache",
     "UserAdapter": "adapter",
     "UserKeyValues": "adapter",
     "PersonalizedStageC": "personalized_unet",
@@ -31,10 +36,15 @@ _LAZY_NAMES = {
 }
 
 __all__ = [
+    "BasePreferenceEncoder",
+    "CLIPPreferenceEncoder",
     "PPDLoss",
     "PPDLossOutput",
     "PersonalizedStageC",
+    "PreferenceEncoder",
+    "PreferencePair",
     "UserAdapter",
+    "UserEmbeddingCache",
     "UserKeyValues",
     "__version__",
     "add_noise",
@@ -48,9 +58,14 @@ __all__ = [
 if TYPE_CHECKING:
     from .adapter import UserAdapter, UserKeyValues
     from .attention import decoupled_attention
+    from .clip_preference_encoder import CLIPPreferenceEncoder
+    from .embedding_cache import UserEmbeddingCache
+    from .encoder_base import BasePreferenceEncoder
     from .loss import PPDLoss, PPDLossOutput, ppd_loss
     from .noise import add_noise, alphas_cumprod, sample_timesteps, timestep_weight
     from .personalized_unet import PersonalizedStageC
+    from .preference_encoder import PreferenceEncoder
+    from .preference_pairs import PreferencePair
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,182 @@
+"""What every preference encoder shares: input checks, batching, its own config file, a fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .preference_pairs import PreferencePair, as_user_pairs
+
+__all__ = ["CONFIG_NAME", "BasePreferenceEncoder"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "preference_encoder_config.json"
+_ENCODER_CLASSES: dict[str, type[BasePreferenceEncoder]] = {}
+
+
+class BasePreferenceEncoder(nn.Module):
+    """Turns each user's preference pairs into a user embedding of shape ``(tokens, width)``.
+
+    Subclasses wrap a pretrained model; ``from_pretrained`` takes either that model's id/path (with the
+    encoder's options as keyword arguments) or a folder written by ``save_pretrained``, whose
+    ``preference_encoder_config.json`` names the encoder class and every option, so that a saved encoder
+    reproduces the same embeddings.
+    """
+
+    config_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _ENCODER_CLASSES[cls.__name__] = cls
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.config = dict(config)
+
+    # ----------------------------------------------------------------------------------------------------
+    # what subclasses provide
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the user embedding (the ``user_embed_dim`` of a matching ``UserAdapter``)."""
+        raise NotImplementedError
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per user embedding."""
+        raise NotImplementedError
+
+    def _encode_batch(self, users: list[list[PreferencePair]]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def _from_model(cls, model_name_or_path: str, **kwargs: Any) -> BasePreferenceEncoder:
+        raise NotImplementedError
+
+    def _model_revision(self) -> str | None:
+        return None
+
+    # ----------------------------------------------------------------------------------------------------
+
+    @property
+    def num_pairs(self) -> int:
+        """How many preference pairs describe one user."""
+        return self.config["num_pairs"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def encode(
+        self, preference_pairs: Sequence[Any], batch_size: int = 8, show_progress: bool | None = None
+    ) -> torch.Tensor:
+        """Encodes one user's pairs, or a list of users' pair lists, into user embeddings.
+
+        Args:
+            preference_pairs: ``num_pairs`` ``PreferencePair``s (or tuples/dicts) of one user, or a list
+                with one such list per user.
+            batch_size: Users encoded per forward pass.
+            show_progress: Show a progress bar; by default only when there is more than one batch.
+
+        Returns:
+            A float32 tensor ``(users, num_tokens, embed_dim)`` on the encoder's device.
+        """
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}.")
+        users = as_user_pairs(preference_pairs, self.num_pairs)
+        batches = [users[i : i + batch_size] for i in range(0, len(users), batch_size)]
+        show = len(batches) > 1 if show_progress is None else show_progress
+        outputs = [self._encode_batch(batch) for batch in tqdm(batches, desc="Encoding users", disable=not show)]
+        return torch.cat(outputs).float()
+
+    def fingerprint(self) -> str:
+        """A hash of everything that determines the embeddings: class, options and model revision."""
+        identity = {"encoder_class": type(self).__name__, **self.config, "model_revision": self._model_revision()}
+        identity.pop("ppd_diffusers_version", None)
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Writes ``preference_encoder_config.json``: the model id/path, revision and every option.
+
+        The wrapped model's weights are not copied; ``from_pretrained(save_directory)`` loads them again
+        from the id or path recorded here.
+        """
+        from . import __version__
+
+        os.makedirs(save_directory, exist_ok=True)
+        config = {"encoder_class": type(self).__name__, **self.config, "ppd_diffusers_version": __version__}
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> BasePreferenceEncoder:
+        """Loads a saved encoder folder, or wraps the pretrained model ``pretrained_model_name_or_path``.
+
+        Args:
+            pretrained_model_name_or_path: A folder (or Hub repo) with ``preference_encoder_config.json``,
+                or the id/path of the model to wrap.
+            subfolder: Where the encoder config lies inside the repo or folder.
+            **kwargs: Encoder options (they override a saved config) and model loading arguments such as
+                ``revision``, ``dtype`` and ``device_map``.
+        """
+        config = _find_encoder_config(os.fspath(pretrained_model_name_or_path), subfolder, kwargs.get("revision"))
+        if config is None:
+            if cls is BasePreferenceEncoder:
+                raise ValueError(
+                    f"`{pretrained_model_name_or_path}` holds no {CONFIG_NAME}: load a model with a concrete encoder "
+                    "class, e.g. `PreferenceEncoder.from_pretrained(...)` or `CLIPPreferenceEncoder.from_pretrained`."
+                )
+            return cls._from_model(os.fspath(pretrained_model_name_or_path), **kwargs)
+        encoder_class = _ENCODER_CLASSES.get(config.pop("encoder_class", None))
+        if encoder_class is None or not issubclass(encoder_class, cls):
+            raise ValueError(f"{CONFIG_NAME} in `{pretrained_model_name_or_path}` is not a `{cls.__name__}` config.")
+        config.pop("ppd_diffusers_version", None)
+        options = {key: config.pop(key) for key in encoder_class.config_keys if key in config}
+        return encoder_class._from_model(config.pop("model_name_or_path"), **{**options, **kwargs})
+
+
+def _find_encoder_config(path: str, subfolder: str | None, revision: str | None) -> dict[str, Any] | None:
+    folder = os.path.join(path, subfolder) if subfolder else path
+    if os.path.isdir(path):
+        file = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(file):
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            file = hf_hub_download(path, CONFIG_NAME, subfolder=subfolder, revision=revision)
+        except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
+            return None  # a plain model repo, or offline: the model loader reports what is missing
+    with open(file) as f:
+        return json.load(f)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silences transformers' load report, which lists the truncated layers as unexpected weights."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

@@ -1,0 +1,151 @@
+"""``PreferencePair`` and the checks that turn user input into validated pairs of RGB images."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import PIL.Image
+
+__all__ = ["ImageLike", "PreferencePair", "as_user_pairs", "load_rgb_image"]
+
+ImageLike = Union[PIL.Image.Image, np.ndarray, "torch.Tensor", bytes, str, os.PathLike, Mapping[str, Any]]  # noqa: F821
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference of a user: for ``prompt`` they preferred ``chosen`` over ``rejected``.
+
+    Images may be PIL images (any mode), ``numpy`` arrays or tensors (``HWC`` or ``CHW``, ``uint8`` or
+    floats in [0, 1]), encoded file bytes, file paths, or ``{"bytes": ..., "path": ...}`` dicts as
+    ``datasets`` stores them. Plain ``(prompt, chosen, rejected)`` tuples and
+    ``{"prompt", "chosen", "rejected"}`` dicts are accepted wherever pairs are.
+
+    Example:
+        >>> import PIL.Image
+        >>> red, blue = PIL.Image.new("RGB", (8, 8), "red"), PIL.Image.new("RGB", (8, 8), "blue")
+        >>> pair = PreferencePair("a red square", chosen=red, rejected=blue)
+        >>> as_user_pairs([pair, ("a blue square", blue, red)])[1][0].prompt
+        'a blue square'
+    """
+
+    prompt: str
+    chosen: ImageLike
+    rejected: ImageLike
+
+
+def load_rgb_image(image: ImageLike, name: str = "image") -> PIL.Image.Image:
+    """Converts any supported image input to an RGB ``PIL.Image``.
+
+    Args:
+        image: The image (see ``PreferencePair`` for the accepted types).
+        name: How the argument is named in error messages, e.g. ``preference_pairs[2].rejected``.
+
+    Raises:
+        ValueError: The input is not an image or cannot be decoded; the message names ``name``.
+    """
+    if isinstance(image, PIL.Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, Mapping):  # a `datasets` Image feature with decode=False
+        data = image.get("bytes") or image.get("path")
+        if data is None:
+            raise ValueError(f"`{name}` is a dict without `bytes` or `path`: {sorted(image)}.")
+        return load_rgb_image(data, name)
+    if isinstance(image, bytes | bytearray | str | os.PathLike):
+        source = io.BytesIO(image) if isinstance(image, bytes | bytearray) else image
+        try:
+            with PIL.Image.open(source) as opened:
+                opened.load()
+                return opened.convert("RGB")
+        except (OSError, PIL.Image.DecompressionBombError, SyntaxError) as error:
+            what = "bytes" if isinstance(image, bytes | bytearray) else f"file {os.fspath(image)!r}"
+            raise ValueError(f"`{name}` is not a readable image ({what}): {error}") from error
+    if type(image).__module__.startswith("torch"):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        return _array_to_image(image, name)
+    raise ValueError(
+        f"`{name}` must be a PIL image, a numpy array, a tensor, image bytes or a file path, "
+        f"got {type(image).__name__}."
+    )
+
+
+def _array_to_image(array: np.ndarray, name: str) -> PIL.Image.Image:
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"`{name}` must be an (H, W), (H, W, C) or (C, H, W) image array, got shape {array.shape}.")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"`{name}` must hold uint8 values or floats in [0, 1], got dtype {array.dtype}.")
+        if not np.isfinite(array).all():
+            raise ValueError(f"`{name}` contains NaN or Inf values.")
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return PIL.Image.fromarray(array).convert("RGB")
+
+
+def _as_pair(item: Any, name: str) -> PreferencePair:
+    if isinstance(item, PreferencePair):
+        prompt, chosen, rejected = item.prompt, item.chosen, item.rejected
+    elif isinstance(item, Mapping):
+        missing = {"prompt", "chosen", "rejected"} - set(item)
+        if missing:
+            raise ValueError(f"`{name}` is a dict without the keys {sorted(missing)}.")
+        prompt, chosen, rejected = item["prompt"], item["chosen"], item["rejected"]
+    elif isinstance(item, Sequence) and not isinstance(item, str | bytes) and len(item) == 3:
+        prompt, chosen, rejected = item
+    else:
+        raise ValueError(
+            f"`{name}` must be a `PreferencePair`, a (prompt, chosen, rejected) tuple or a dict with those keys, "
+            f"got {type(item).__name__}."
+        )
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"`{name}.prompt` must be a non-empty string, got {prompt!r}.")
+    return PreferencePair(
+        prompt=prompt,
+        chosen=load_rgb_image(chosen, f"{name}.chosen"),
+        rejected=load_rgb_image(rejected, f"{name}.rejected"),
+    )
+
+
+def _is_single_user(items: Sequence[Any]) -> bool:
+    first = items[0]
+    if isinstance(first, PreferencePair | Mapping):
+        return True
+    # a (prompt, chosen, rejected) tuple starts with a string; a user's list of pairs does not
+    return isinstance(first, Sequence) and len(first) > 0 and isinstance(first[0], str)
+
+
+def as_user_pairs(
+    pairs: Sequence[Any], num_pairs: int | None = None, name: str = "preference_pairs"
+) -> list[list[PreferencePair]]:
+    """Validates one user's pairs, or a list of users' pair lists, into ``[[PreferencePair, ...], ...]``.
+
+    Every image is converted to an RGB ``PIL.Image``.
+
+    Args:
+        pairs: One user's pairs, or one list of pairs per user.
+        num_pairs: The number of pairs each user must have (``None``: any positive number).
+        name: The argument name used in error messages.
+
+    Raises:
+        ValueError: Naming the argument and the index of the offending user/pair.
+    """
+    if isinstance(pairs, str | bytes) or not isinstance(pairs, Sequence) or len(pairs) == 0:
+        raise ValueError(f"`{name}` must be a non-empty list of preference pairs (or of users' pair lists).")
+    users = [pairs] if _is_single_user(pairs) else list(pairs)
+    result = []
+    for u, user in enumerate(users):
+        user_name = name if len(users) == 1 and users[0] is pairs else f"{name}[{u}]"
+        if isinstance(user, str | bytes) or not isinstance(user, Sequence) or len(user) == 0:
+            raise ValueError(f"`{user_name}` must be a non-empty list of preference pairs.")
+        if num_pairs is not None and len(user) != num_pairs:
+            raise ValueError(f"`{user_name}` needs {num_pairs} pairs, got {len(user)}.")
+        result.append([_as_pair(item, f"{user_name}[{i}]") for i, item in enumerate(user)])
+    return result

@@ -1,0 +1,110 @@
+"""Pick-a-Pic-format preference data: users, their non-tied pairs, and reproducible draws of N pairs.
+
+Rows have ``caption``, ``jpg_0``, ``jpg_1`` (image bytes), ``label_0`` (1: image 0 preferred, 0: image 1
+preferred, 0.5: a tie) and ``user_id``. Only the ``user_id`` and ``label_0`` columns are read to plan
+the draws; images are decoded only for the rows a draw uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..preference_pairs import PreferencePair
+
+__all__ = ["DrawStats", "UserDraw", "pair_from_row", "sample_user_draws"]
+
+
+@dataclass(frozen=True)
+class UserDraw:
+    """``num_pairs`` dataset rows of one user, used together to build one user embedding.
+
+    Args:
+        user_id: The user.
+        draw: Which draw of this user (0 .. draws-1).
+        rows: Dataset row indices of the pairs, in the order they are shown to the encoder.
+    """
+
+    user_id: Any
+    draw: int
+    rows: tuple[int, ...]
+
+
+@dataclass
+class DrawStats:
+    """What ``sample_user_draws`` kept and dropped."""
+
+    rows: int = 0
+    ties: int = 0
+    users: int = 0
+    users_with_too_few_pairs: int = 0
+    draws: int = 0
+    per_user_pairs: dict[Any, int] = field(default_factory=dict, repr=False)
+
+
+def _user_seed(seed: int, user_id: Any) -> np.random.Generator:
+    # independent of row order and of how users are split across processes
+    digest = hashlib.sha256(f"{seed}:{user_id!r}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def sample_user_draws(
+    dataset: Any, num_pairs: int = 4, draws: int = 1, seed: int = 0
+) -> tuple[list[UserDraw], DrawStats]:
+    """Plans, for every user, ``draws`` sets of ``num_pairs`` distinct non-tied pairs.
+
+    Ties (``label_0 == 0.5``) are dropped and counted. A user with fewer than ``num_pairs`` non-tied
+    pairs gets no draw (counted in ``users_with_too_few_pairs``); the pairs within a draw are distinct,
+    different draws of a user may share pairs. The same ``seed`` gives the same draws whatever the row
+    order or the number of processes.
+
+    Args:
+        dataset: A ``datasets.Dataset`` (or any mapping of column name to list) in Pick-a-Pic format.
+        num_pairs: Pairs per draw (the encoder's ``num_pairs``).
+        draws: Draws per user.
+        seed: Seed of the sampling.
+
+    Returns:
+        The draws, sorted by user id then draw, and the statistics.
+    """
+    if num_pairs < 1 or draws < 1:
+        raise ValueError(f"`num_pairs` and `draws` must be positive integers, got {num_pairs} and {draws}.")
+    user_ids, labels = dataset["user_id"], dataset["label_0"]
+    stats = DrawStats(rows=len(labels))
+    rows_of_user: dict[Any, list[int]] = defaultdict(list)
+    for row, (user_id, label) in enumerate(zip(user_ids, labels, strict=True)):
+        if label == 0.5:
+            stats.ties += 1
+        else:
+            rows_of_user[user_id].append(row)
+    result = []
+    for user_id in sorted(rows_of_user, key=repr):
+        rows = rows_of_user[user_id]
+        stats.per_user_pairs[user_id] = len(rows)
+        if len(rows) < num_pairs:
+            stats.users_with_too_few_pairs += 1
+            continue
+        stats.users += 1
+        rng = _user_seed(seed, user_id)
+        for draw in range(draws):
+            chosen = rng.choice(len(rows), size=num_pairs, replace=False)
+            result.append(UserDraw(user_id, draw, tuple(rows[i] for i in chosen)))
+    stats.draws = len(result)
+    return result, stats
+
+
+def pair_from_row(row: dict[str, Any]) -> PreferencePair:
+    """A Pick-a-Pic row as a ``PreferencePair`` with the preferred image first.
+
+    Raises:
+        ValueError: For a tie (``label_0 == 0.5``), which has no preferred image.
+    """
+    label = row["label_0"]
+    if label == 0.5:
+        raise ValueError("A tied pair (`label_0 == 0.5`) has no preferred image.")
+    first, second = (row["jpg_0"], row["jpg_1"]) if label == 1 else (row["jpg_1"], row["jpg_0"])
+    return PreferencePair(prompt=row["caption"], chosen=first, rejected=second)

@@ -1,0 +1,61 @@
+"""`CLIPPreferenceEncoder`: the light encoder with the same interface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+from ppd_diffusers import BasePreferenceEncoder, CLIPPreferenceEncoder, PreferenceEncoder
+from ppd_diffusers.preference_pairs import as_user_pairs
+
+from .conftest import random_users
+
+
+def test_tokens_by_hand(tiny_clip_dir):
+    encoder = CLIPPreferenceEncoder.from_pretrained(tiny_clip_dir)
+    users = random_users(2, seed=7)
+    out = encoder.encode(users)
+    assert out.shape == (2, 4, 48) == (2, encoder.num_tokens, encoder.embed_dim)
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    tokenizer, processor = (
+        AutoTokenizer.from_pretrained(tiny_clip_dir),
+        AutoImageProcessor.from_pretrained(tiny_clip_dir),
+    )
+    with torch.no_grad():
+        for u, pairs in enumerate(as_user_pairs(users)):
+            for i, pair in enumerate(pairs):
+                text = model.get_text_features(**tokenizer([pair.prompt], return_tensors="pt")).pooler_output
+                images = processor(images=[pair.chosen, pair.rejected], return_tensors="pt")
+                image = F.normalize(model.get_image_features(**images).pooler_output, dim=-1)
+                expected = torch.cat([F.normalize(text, dim=-1)[0], image[0] - image[1]])
+                torch.testing.assert_close(out[u, i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_swapping_chosen_and_rejected_negates_the_image_half(tiny_clip_dir):
+    encoder = CLIPPreferenceEncoder.from_pretrained(tiny_clip_dir)
+    user = random_users(1, seed=8)[0]
+    swapped = [(prompt, rejected, chosen) for prompt, chosen, rejected in user]
+    a, b = encoder.encode(user), encoder.encode(swapped)
+    torch.testing.assert_close(a[..., :24], b[..., :24])
+    torch.testing.assert_close(a[..., 24:], -b[..., 24:])
+
+
+def test_mean_pooling_batched_equals_single_and_save_load(tiny_clip_dir, tmp_path):
+    encoder = CLIPPreferenceEncoder.from_pretrained(tiny_clip_dir, pooling="mean", num_pairs=3)
+    users = random_users(3, num_pairs=3, seed=9)
+    batched = encoder.encode(users, batch_size=2)
+    assert batched.shape == (3, 1, 48)
+    pairs_encoder = CLIPPreferenceEncoder.from_pretrained(tiny_clip_dir, num_pairs=3)
+    torch.testing.assert_close(batched, pairs_encoder.encode(users).mean(dim=1, keepdim=True))
+    for u, user in enumerate(users):
+        torch.testing.assert_close(batched[u : u + 1], encoder.encode(user), rtol=1e-5, atol=1e-6)
+    encoder.save_pretrained(tmp_path)
+    loaded = BasePreferenceEncoder.from_pretrained(tmp_path)
+    assert isinstance(loaded, CLIPPreferenceEncoder) and loaded.config == encoder.config
+    assert torch.equal(loaded.encode(users, batch_size=2), batched)
+    with pytest.raises(ValueError, match="is not a `PreferenceEncoder` config"):
+        PreferenceEncoder.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`pooling` must be one of"):
+        CLIPPreferenceEncoder.from_pretrained(tiny_clip_dir, pooling="last")

@@ -1,0 +1,172 @@
+"""`PreferenceEncoder` on a tiny LLaVA-OneVision loaded through `from_pretrained(path)`, as a Hub id is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoImageProcessor, LlavaOnevisionModel
+
+from ppd_diffusers import BasePreferenceEncoder, PreferenceEncoder
+from ppd_diffusers.preference_pairs import as_user_pairs
+
+from .conftest import random_users
+from .tiny_models import LLAVA_LAYERS
+
+TOKENS_PER_IMAGE = (28 // 14) ** 2 + 1  # multi-image mode: the base view's patches + a newline
+
+
+@pytest.fixture(scope="module")
+def full_model(tiny_llava_dir):
+    return LlavaOnevisionModel.from_pretrained(tiny_llava_dir).eval()
+
+
+def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
+    """(start, length) of each run of `token` in `ids`."""
+    runs, start = [], None
+    for i, t in enumerate([*ids, None]):
+        if t == token and start is None:
+            start = i
+        elif t != token and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
+
+
+def test_conversation_interleaves_prompts_and_both_images_in_order(tiny_llava_dir):
+    encoder = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=1)
+    pairs = as_user_pairs(random_users(1, seed=1))[0]
+    inputs = encoder.prepare_inputs([pairs])
+    ids = inputs["input_ids"][0].tolist()
+    image_id = encoder.model.config.image_token_id
+    runs = _runs(ids, image_id)
+    assert [length for _, length in runs] == [TOKENS_PER_IMAGE] * 8
+    # the text before each image run names the pair and the role of the image, in order
+    previous_end = 0
+    for k, (start, length) in enumerate(runs):
+        before = encoder.tokenizer.decode(ids[previous_end:start])
+        pair, role = divmod(k, 2)
+        if role == 0:
+            assert f"Prompt {pair + 1}: {pairs[pair].prompt}" in before and before.rstrip().endswith("Preferred:")
+        else:
+            assert before.strip() == "Rejected:"
+        previous_end = start + length
+    assert encoder.config["question"] in encoder.tokenizer.decode(ids[previous_end:])
+    # the pixel values follow the same order: chosen 1, rejected 1, chosen 2, ...
+    images = [[image for pair in pairs for image in (pair.chosen, pair.rejected)]]
+    expected = AutoImageProcessor.from_pretrained(tiny_llava_dir)(images=images, return_tensors="pt")
+    assert torch.equal(inputs["pixel_values"], expected["pixel_values"])
+    assert inputs["pixel_values"].shape[:2] == (8, 1)  # one view per image: no anyres tiling
+    assert inputs["batch_num_images"].tolist() == [8]
+
+
+@pytest.mark.parametrize("layer, index", [(0, 0), (1, 1), (2, 2), (-3, 2), (3, 3)])
+def test_truncated_encoder_equals_the_full_models_hidden_states(tiny_llava_dir, full_model, layer, index):
+    encoder = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=layer)
+    assert len(encoder.model.language_model.layers) == index  # the layers above are never built
+    inputs = encoder.prepare_inputs(as_user_pairs(random_users(2, seed=2)))
+    with torch.no_grad():
+        expected = full_model(**inputs, output_hidden_states=True).hidden_states[index]
+        assert torch.equal(encoder.model(**inputs).last_hidden_state, expected)
+
+
+def test_last_layer_is_the_normed_output_like_hidden_states_minus_one(tiny_llava_dir, full_model):
+    encoder = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=-1)
+    assert encoder.config["layer"] == -1 and len(encoder.model.language_model.layers) == LLAVA_LAYERS
+    inputs = encoder.prepare_inputs(as_user_pairs(random_users(1, seed=3)))
+    with torch.no_grad():
+        hidden_states = full_model(**inputs, output_hidden_states=True).hidden_states
+        assert torch.equal(encoder.model(**inputs).last_hidden_state, hidden_states[-1])
+
+
+def test_default_layer_is_the_middle_one(tiny_llava_dir):
+    assert PreferenceEncoder.from_pretrained(tiny_llava_dir).config["layer"] == LLAVA_LAYERS // 2
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean_after_images", "last_k"])
+def test_pooling_by_hand_and_batched_equals_one_by_one(tiny_llava_dir, full_model, pooling):
+    encoder = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=2, pooling=pooling, num_pooled_tokens=3)
+    users = random_users(3, seed=4)
+    batched = encoder.encode(users)
+    tokens = 3 if pooling == "last_k" else 1
+    assert batched.shape == (3, tokens, 32) == (3, encoder.num_tokens, encoder.embed_dim)
+    assert batched.dtype == torch.float32
+    for u, user in enumerate(users):
+        single = encoder.encode(user)
+        torch.testing.assert_close(batched[u : u + 1], single, rtol=1e-5, atol=1e-5)
+        inputs = encoder.prepare_inputs(as_user_pairs(user))
+        with torch.no_grad():
+            hidden = full_model(**inputs, output_hidden_states=True).hidden_states[2][0]
+        ids = inputs["input_ids"][0]
+        if pooling == "last":
+            expected = hidden[-1:]
+        elif pooling == "last_k":
+            expected = hidden[-3:]
+        else:
+            last_image = int((ids == encoder.model.config.image_token_id).nonzero().max())
+            expected = hidden[last_image + 1 :].mean(dim=0, keepdim=True)
+        torch.testing.assert_close(single[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_save_and_load_reproduce_the_embeddings(tiny_llava_dir, tmp_path):
+    encoder = PreferenceEncoder.from_pretrained(
+        tiny_llava_dir, layer=-2, pooling="last_k", num_pooled_tokens=2, question="Which style wins?", num_pairs=2
+    )
+    encoder.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preference_encoder_config.json").read_text())
+    assert saved["encoder_class"] == "PreferenceEncoder" and saved["model_name_or_path"] == tiny_llava_dir
+    assert (saved["layer"], saved["pooling"], saved["num_pairs"], saved["question"]) == (
+        3,
+        "last_k",
+        2,
+        "Which style wins?",
+    )
+    users = random_users(2, num_pairs=2, seed=5)
+    for loader in (PreferenceEncoder, BasePreferenceEncoder):
+        loaded = loader.from_pretrained(tmp_path)
+        assert isinstance(loaded, PreferenceEncoder) and loaded.fingerprint() == encoder.fingerprint()
+        assert torch.equal(loaded.encode(users), encoder.encode(users))
+    assert PreferenceEncoder.from_pretrained(tmp_path, layer=1).config["layer"] == 1  # kwargs override
+
+
+def test_dtype_and_device_map_arguments(tiny_llava_dir):
+    encoder = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=2, dtype=torch.bfloat16, device_map="cpu")
+    assert encoder.model.dtype == torch.bfloat16
+    out = encoder.encode(random_users(2, seed=6))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    legacy = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=2, torch_dtype=torch.bfloat16)
+    assert legacy.model.dtype == torch.bfloat16
+
+
+def test_works_without_torchvision(tiny_llava_dir):
+    code = f"""
+import sys
+sys.modules["torchvision"] = None  # any `import torchvision` now raises ImportError
+from ppd_diffusers import PreferenceEncoder
+from tests.conftest import random_users
+encoder = PreferenceEncoder.from_pretrained({tiny_llava_dir!r}, layer=1)
+print(tuple(encoder.encode(random_users(2)).shape))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "(2, 1, 32)"
+
+
+def test_bad_arguments_raise_clear_errors(tiny_llava_dir, tiny_clip_dir):
+    with pytest.raises(ValueError, match=r"`layer` must be in \[-5, 4\] for this model, got 5"):
+        PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=5)
+    with pytest.raises(ValueError, match="`pooling` must be one of"):
+        PreferenceEncoder.from_pretrained(tiny_llava_dir, pooling="max")
+    with pytest.raises(ValueError, match="wraps LLaVA-OneVision models.*'clip' model.*CLIPPreferenceEncoder"):
+        PreferenceEncoder.from_pretrained(tiny_clip_dir)
+    encoder = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=1, pooling="last_k", num_pooled_tokens=10_000)
+    with pytest.raises(ValueError, match=r"`num_pooled_tokens` \(10000\) exceeds the shortest conversation"):
+        encoder.encode(random_users(1))
+    with pytest.raises(ValueError, match="`preference_pairs` needs 4 pairs, got 3"):
+        encoder.encode(random_users(1, num_pairs=3)[0])
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer"):
+        encoder.encode(random_users(1), batch_size=0)
+    with pytest.raises(ValueError, match="holds no preference_encoder_config.json"):
+        BasePreferenceEncoder.from_pretrained(tiny_llava_dir)

@@ -1,0 +1,102 @@
+"""`PreferencePair` inputs: every accepted form, and clear errors naming the offending pair."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from ppd_diffusers import PreferencePair
+from ppd_diffusers.preference_pairs import as_user_pairs, load_rgb_image
+
+
+def _png_bytes(image: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+RED = PIL.Image.new("RGB", (6, 4), (255, 0, 0))
+
+
+def test_every_image_form_becomes_the_same_rgb_image(tmp_path):
+    path = tmp_path / "red.png"
+    RED.save(path)
+    array = np.asarray(RED)
+    forms = {
+        "pil": RED,
+        "rgba": RED.convert("RGBA"),
+        "palette": RED.convert("P"),
+        "hwc_uint8": array,
+        "chw_float": array.transpose(2, 0, 1) / 255.0,
+        "tensor_chw_float": torch.from_numpy(array.transpose(2, 0, 1) / 255.0),
+        "tensor_hwc_uint8": torch.from_numpy(array.copy()),
+        "bytes": _png_bytes(RED),
+        "path_str": str(path),
+        "path": path,
+        "datasets_dict": {"bytes": _png_bytes(RED), "path": None},
+    }
+    for name, image in forms.items():
+        converted = load_rgb_image(image, name)
+        assert converted.mode == "RGB" and converted.size == (6, 4), name
+        assert np.array_equal(np.asarray(converted), array), name
+    gray = load_rgb_image(np.full((4, 6), 7, dtype=np.uint8))
+    assert np.asarray(gray).tolist() == [[[7, 7, 7]] * 6] * 4
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9), st.just(3))))
+def test_uint8_arrays_round_trip(array):
+    assert np.array_equal(np.asarray(load_rgb_image(array)), array)
+
+
+def test_pairs_tuples_and_dicts_are_one_user_or_many():
+    pair = PreferencePair("a", RED, RED)
+    as_tuple, as_dict = ("b", RED, RED), {"prompt": "c", "chosen": RED, "rejected": RED}
+    one = as_user_pairs([pair, as_tuple, as_dict])
+    assert len(one) == 1 and [p.prompt for p in one[0]] == ["a", "b", "c"]
+    many = as_user_pairs([[pair, as_tuple], [as_dict, as_dict]], num_pairs=2)
+    assert len(many) == 2 and [p.prompt for p in many[1]] == ["c", "c"]
+    assert all(isinstance(p.chosen, PIL.Image.Image) for user in many for p in user)
+
+
+def test_errors_name_the_argument_and_the_pair():
+    good = ("a", RED, RED)
+    cases = [
+        ([good] * 3, r"`preference_pairs` needs 4 pairs, got 3"),
+        ([[good] * 4, [good] * 2], r"`preference_pairs\[1\]` needs 4 pairs, got 2"),
+        ([good, good, ("  ", RED, RED), good], r"`preference_pairs\[2\].prompt` must be a non-empty string"),
+        ([good, (3, RED, RED), good, good], r"`preference_pairs\[1\].prompt` must be a non-empty string"),
+        ([good, good, good, ("a", RED, 42)], r"`preference_pairs\[3\].rejected` must be a PIL image.*got int"),
+        ([good, ("a", b"not an image", RED), good, good], r"`preference_pairs\[1\].chosen` is not a readable image"),
+        ([good, good, good, ("a", "/no/such/file.png", RED)], r"`preference_pairs\[3\].chosen` is not a readable"),
+        ([good, good, good, {"prompt": "a", "chosen": RED}], r"`preference_pairs\[3\]` is a dict without .*rejected"),
+        ([good, good, good, ("a", RED)], r"`preference_pairs\[3\]` must be a `PreferencePair`"),
+        ([], r"`preference_pairs` must be a non-empty list"),
+    ]
+    for pairs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            as_user_pairs(pairs, num_pairs=4)
+
+
+def test_bad_arrays_raise():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        load_rgb_image(np.full((2, 2, 3), np.nan), "x")
+    with pytest.raises(ValueError, match=r"image array, got shape \(2, 2, 5\)"):
+        load_rgb_image(np.zeros((2, 2, 5), np.uint8), "x")
+    with pytest.raises(ValueError, match="uint8 values or floats"):
+        load_rgb_image(np.zeros((2, 2, 3), np.int64), "x")
+
+
+def test_a_truncated_image_file_is_reported(tmp_path):
+    data = _png_bytes(PIL.Image.new("RGB", (64, 64), "blue"))
+    path = tmp_path / "broken.png"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"`pairs\[1\]\[0\].rejected` is not a readable image \(file.*truncated"):
+        as_user_pairs([[("a", RED, RED)], [("b", RED, str(path))]], name="pairs")
