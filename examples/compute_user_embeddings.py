@@ -2,7 +2,8 @@
 
     python examples/compute_user_embeddings.py --dataset yuvalkirstain/pickapic_v2 --split train \
         --encoder llava-hf/llava-onevision-qwen2-0.5b-ov-hf --layer 12 --output_dir user_embeddings
-    accelerate launch --num_processes 8 examples/compute_user_embeddings.py ...   # users split across GPUs
+    accelerate launch --multi_gpu --num_processes 8 examples/compute_user_embeddings.py ...  # users split over GPUs
+    torchrun --nproc_per_node 2 examples/compute_user_embeddings.py ...  # several CPU processes (gloo)
 
 Ties are dropped, pairs are grouped by `user_id`, and `--draws` sets of `--num_pairs` pairs are drawn
 per user with `--seed` (users with fewer pairs are skipped and counted). Each process encodes its
@@ -19,6 +20,8 @@ import json
 import logging
 import os
 
+import datasets
+import torch
 from accelerate import PartialState
 
 from ppd_diffusers import BasePreferenceEncoder, CLIPPreferenceEncoder, PreferenceEncoder, UserEmbeddingCache
@@ -58,9 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    import datasets
-
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     if os.path.exists(args.dataset) and not os.path.isdir(args.dataset):
         dataset = datasets.load_dataset(args.dataset.rsplit(".", 1)[-1], data_files=args.dataset, split=args.split)
     else:

@@ -32,9 +32,10 @@ class CLIPPreferenceEncoder(BasePreferenceEncoder):
     Same interface as ``PreferenceEncoder``: ``from_pretrained``, ``encode``, ``save_pretrained``.
 
     Example:
-        >>> encoder = CLIPPreferenceEncoder.from_pretrained("openai/clip-vit-base-patch32")  # doctest: +SKIP
-        >>> encoder.encode(pairs).shape  # doctest: +SKIP
-        torch.Size([1, 4, 1024])
+        ```py
+        encoder = CLIPPreferenceEncoder.from_pretrained("openai/clip-vit-base-patch32")
+        encoder.encode(pairs).shape  # torch.Size([1, 4, 1024])
+        ```
     """
 
     config_keys: ClassVar[tuple[str, ...]] = ("revision", "pooling", "num_pairs")

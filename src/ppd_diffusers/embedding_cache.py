@@ -43,8 +43,10 @@ class UserEmbeddingCache:
         encoder: The encoder whose embeddings are cached.
 
     Example:
-        >>> cache = UserEmbeddingCache("user_embeddings_cache", encoder)  # doctest: +SKIP
-        >>> embeds = cache.encode(users_pairs, batch_size=8)  # encodes only the users not cached yet  # doctest: +SKIP
+        ```py
+        cache = UserEmbeddingCache("user_embeddings_cache", encoder)
+        embeds = cache.encode(users_pairs, batch_size=8)  # encodes only the users not cached yet
+        ```
     """
 
     def __init__(self, cache_dir: str | os.PathLike, encoder: BasePreferenceEncoder):

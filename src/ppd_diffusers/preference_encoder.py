@@ -40,11 +40,13 @@ class PreferenceEncoder(BasePreferenceEncoder):
     Works without torchvision (transformers' PIL image processor), on CPU or GPU, in any dtype.
 
     Example:
-        >>> encoder = PreferenceEncoder.from_pretrained(  # doctest: +SKIP
-        ...     "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", layer=12, pooling="last_k", dtype=torch.bfloat16
-        ... )
-        >>> user_embeds = encoder.encode(pairs)  # 4 (prompt, chosen, rejected) pairs  # doctest: +SKIP
-        >>> encoder.save_pretrained("my-encoder")  # doctest: +SKIP
+        ```py
+        encoder = PreferenceEncoder.from_pretrained(
+            "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", layer=12, pooling="last_k", dtype=torch.bfloat16
+        )
+        user_embeds = encoder.encode(pairs)  # 4 (prompt, chosen, rejected) pairs
+        encoder.save_pretrained("my-encoder")
+        ```
     """
 
     config_keys: ClassVar[tuple[str, ...]] = (

@@ -29,7 +29,7 @@ class PreferencePair:
         >>> import PIL.Image
         >>> red, blue = PIL.Image.new("RGB", (8, 8), "red"), PIL.Image.new("RGB", (8, 8), "blue")
         >>> pair = PreferencePair("a red square", chosen=red, rejected=blue)
-        >>> as_user_pairs([pair, ("a blue square", blue, red)])[1][0].prompt
+        >>> as_user_pairs([pair, ("a blue square", blue, red)])[0][1].prompt
         'a blue square'
     """
 

@@ -70,9 +70,11 @@ def ppd_dpo_step(
         The ``PPDLossOutput`` of the batch.
 
     Example:
-        >>> from ppd_diffusers.training import ppd_dpo_step
-        >>> out = ppd_dpo_step(model, lat_w, lat_l, pooled, users, user_dropout=0.1)  # doctest: +SKIP
-        >>> accelerator.backward(out.loss)  # doctest: +SKIP
+        ```py
+        from ppd_diffusers.training import ppd_dpo_step
+        out = ppd_dpo_step(model, lat_w, lat_l, pooled, users, user_dropout=0.1)
+        accelerator.backward(out.loss)
+        ```
     """
     _check_pairs(
         latents_chosen,

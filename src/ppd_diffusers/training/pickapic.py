@@ -47,7 +47,7 @@ class DrawStats:
 
 
 def _user_seed(seed: int, user_id: Any) -> np.random.Generator:
-    # independent of row order and of how users are split across processes
+    # depends on the user only: adding, removing or reordering other users changes nothing
     digest = hashlib.sha256(f"{seed}:{user_id!r}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 

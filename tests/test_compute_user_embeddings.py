@@ -1,0 +1,124 @@
+"""Pick-a-Pic draws and `examples/compute_user_embeddings.py` end to end on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from ppd_diffusers import PreferenceEncoder
+from ppd_diffusers.training import load_user_embeddings, pair_from_row, sample_user_draws
+
+ROOT = Path(__file__).resolve().parents[1]
+# user -> (non-tied pairs, ties); "carol" has too few pairs for a draw of 4
+USERS = {"alice": (6, 2), "bob": (4, 0), "carol": (2, 0), "dave": (5, 1), "erin": (4, 0)}
+
+
+def _png(rng) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pickapic_rows(seed: int = 0) -> dict[str, list]:
+    rng = np.random.default_rng(seed)
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": [], "user_id": [], "ranking_id": []}
+    for user, (pairs, ties) in USERS.items():
+        for i in range(pairs + ties):
+            label = 0.5 if i >= pairs else float(i % 2)
+            rows["caption"].append(f"{user} prompt {i}")
+            rows["jpg_0"].append(_png(rng))
+            rows["jpg_1"].append(_png(rng))
+            rows["label_0"].append(label)
+            rows["label_1"].append(1 - label)
+            rows["user_id"].append(user)
+            rows["ranking_id"].append(len(rows["ranking_id"]))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def dataset_file(tmp_path_factory) -> str:
+    import datasets
+
+    path = tmp_path_factory.mktemp("pickapic") / "train.parquet"
+    datasets.Dataset.from_dict(pickapic_rows()).to_parquet(path)
+    return str(path)
+
+
+def test_draws_drop_ties_skip_small_users_and_are_reproducible():
+    rows = pickapic_rows()
+    draws, stats = sample_user_draws(rows, num_pairs=4, draws=3, seed=1)
+    assert (stats.rows, stats.ties, stats.users, stats.users_with_too_few_pairs) == (24, 3, 4, 1)
+    assert stats.draws == len(draws) == 12
+    for draw in draws:
+        assert len(set(draw.rows)) == 4
+        assert all(rows["user_id"][r] == draw.user_id and rows["label_0"][r] != 0.5 for r in draw.rows)
+    assert [d.user_id for d in draws[::3]] == ["alice", "bob", "dave", "erin"]
+    assert sample_user_draws(rows, num_pairs=4, draws=3, seed=1)[0] == draws
+    assert sample_user_draws(rows, num_pairs=4, draws=3, seed=2)[0] != draws
+    # other users' rows do not change a user's draws: put the users in reverse order, compare by content
+    order = sorted(range(24), key=lambda r: (-list(USERS).index(rows["user_id"][r]), r))
+    shuffled = {k: [v[i] for i in order] for k, v in rows.items()}
+    by_content = {(d.user_id, d.draw): [rows["caption"][r] for r in d.rows] for d in draws}
+    reshuffled = sample_user_draws(shuffled, num_pairs=4, draws=3, seed=1)[0]
+    assert {(d.user_id, d.draw): [shuffled["caption"][r] for r in d.rows] for d in reshuffled} == by_content
+
+
+def test_pair_from_row_puts_the_preferred_image_first():
+    row = {"caption": "c", "jpg_0": b"zero", "jpg_1": b"one", "label_0": 0.0}
+    assert pair_from_row(row).chosen == b"one"
+    assert pair_from_row({**row, "label_0": 1.0}).chosen == b"zero"
+    with pytest.raises(ValueError, match="tied pair"):
+        pair_from_row({**row, "label_0": 0.5})
+
+
+def _run(args: list[str], launcher: list[str] | None = None) -> str:
+    command = [*(launcher or [sys.executable]), str(ROOT / "examples" / "compute_user_embeddings.py"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_example_end_to_end_resumes_from_the_cache(dataset_file, tiny_llava_dir, tmp_path):
+    import datasets
+
+    out = tmp_path / "out"
+    args = ["--dataset", dataset_file, "--encoder", tiny_llava_dir, "--layer", "2", "--draws", "2"]
+    args += ["--dtype", "float32", "--batch_size", "3", "--output_dir", str(out)]
+    log = _run(args)
+    assert "24 rows, 3 ties dropped; 4 users with a draw, 1 with fewer than 4 pairs skipped; 8 draws" in log
+    assert "0 from the cache, 8 encoded" in log
+    embeddings, draws, meta = load_user_embeddings(out / "user_embeddings.safetensors")
+    assert embeddings.shape == (8, 1, 32) and len(draws) == 8
+    assert json.loads((out / "stats.json").read_text())["ties"] == 3
+    encoder = PreferenceEncoder.from_pretrained(out / "encoder")
+    assert meta["encoder_fingerprint"] == encoder.fingerprint()
+    dataset = datasets.load_dataset("parquet", data_files=dataset_file, split="train")
+    expected = encoder.encode([[pair_from_row(dataset[r]) for r in d.rows] for d in draws])
+    torch.testing.assert_close(embeddings, expected, rtol=1e-5, atol=1e-5)
+    # an interrupted or repeated run encodes nothing twice
+    log = _run(args)
+    assert "8 from the cache, 0 encoded" in log
+    assert torch.equal(load_user_embeddings(out / "user_embeddings.safetensors")[0], embeddings)
+
+
+def test_example_splits_users_across_processes(dataset_file, tiny_llava_dir, tmp_path):
+    args = ["--dataset", dataset_file, "--encoder", tiny_llava_dir, "--layer", "2", "--dtype", "float32"]
+    single = _run([*args, "--output_dir", str(tmp_path / "one")])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    log = _run([*args, "--output_dir", str(tmp_path / "two")], launcher)
+    assert "process 0: 0 from the cache, 2 encoded" in log and "process 1: 0 from the cache, 2 encoded" in log
+    one, draws_one, _ = load_user_embeddings(tmp_path / "one" / "user_embeddings.safetensors")
+    two, draws_two, _ = load_user_embeddings(tmp_path / "two" / "user_embeddings.safetensors")
+    assert draws_one == draws_two
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+    assert not [f for f in os.listdir(tmp_path / "two") if f.startswith("shard-")]
+    assert single
