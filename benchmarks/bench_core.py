@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
+from _measure import current_rss_bytes, hardware, interleaved_median, peak_rss_bytes
 from diffusers import StableCascadeUNet
 
 from ppd_diffusers import PPDLoss, UserAdapter, ppd_loss
@@ -105,26 +102,6 @@ def conditioning(unet: StableCascadeUNet, batch: int, device: str, dtype: torch.
         clip_text=torch.randn(batch, TEXT_TOKENS, c.clip_text_in_channels, device=device, dtype=dtype),
         clip_img=torch.randn(batch, 1, c.clip_image_in_channels, device=device, dtype=dtype),
     )
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def interleaved_median(fns: dict[str, Callable[[], object]], device: str, rounds: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_inference(args, config_name: str, dtype: torch.dtype) -> list[dict]:
@@ -220,11 +197,6 @@ def training_step_fn(variant: str, args, config_name: str, dtype: torch.dtype) -
 TRAIN_VARIANTS = ("adapter", "adapter_ckpt", "full_dpo", "full_dpo_ckpt")
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def run_child(args, config_name: str, variant: str, dtype_name: str) -> dict:
     """Peak memory of one training variant on the CPU, measured in a fresh process."""
     cmd = [sys.executable, __file__, "--child", variant, "--configs", config_name, "--dtype", dtype_name]
@@ -239,7 +211,7 @@ def child_main(args, dtype: torch.dtype) -> None:
     step, _ = training_step_fn(args.child, args, args.configs[0], dtype)
     for _ in range(2):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(json.dumps({"peak_bytes": peak - baseline}))
 
 
@@ -273,13 +245,6 @@ def bench_training(args, config_name: str, dtype: torch.dtype, dtype_name: str) 
         row["time_vs_full_dpo"] = row["step_s"] / base["step_s"]
         row["memory_vs_full_dpo"] = row["peak_gib"] / base["peak_gib"]
     return rows
-
-
-def hardware(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def to_markdown(result: dict) -> str:

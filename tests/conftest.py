@@ -110,19 +110,19 @@ def adapter(unet) -> UserAdapter:
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> str:
-    from .tiny_models import save_tiny_llava_onevision
+    from ppd_diffusers.testing_utils import save_random_llava_onevision
 
     path = tmp_path_factory.mktemp("tiny-llava-onevision")
-    save_tiny_llava_onevision(path)
+    save_random_llava_onevision(path)
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> str:
-    from .tiny_models import save_tiny_clip
+    from ppd_diffusers.testing_utils import save_random_clip
 
     path = tmp_path_factory.mktemp("tiny-clip")
-    save_tiny_clip(path)
+    save_random_clip(path)
     return str(path)
 
 

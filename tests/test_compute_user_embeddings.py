@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,9 +81,16 @@ def test_pair_from_row_puts_the_preferred_image_first():
         pair_from_row({**row, "label_0": 0.5})
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(args: list[str], launcher: list[str] | None = None) -> str:
     command = [*(launcher or [sys.executable]), str(ROOT / "examples" / "compute_user_embeddings.py"), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -114,6 +122,7 @@ def test_example_splits_users_across_processes(dataset_file, tiny_llava_dir, tmp
     args = ["--dataset", dataset_file, "--encoder", tiny_llava_dir, "--layer", "2", "--dtype", "float32"]
     single = _run([*args, "--output_dir", str(tmp_path / "one")])
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     log = _run([*args, "--output_dir", str(tmp_path / "two")], launcher)
     assert "process 0: 0 from the cache, 2 encoded" in log and "process 1: 0 from the cache, 2 encoded" in log
     one, draws_one, _ = load_user_embeddings(tmp_path / "one" / "user_embeddings.safetensors")

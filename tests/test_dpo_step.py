@@ -135,12 +135,15 @@ def test_bf16_step_runs_and_starts_at_log_2(saved_unet_dir):
     assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in adapter.to_v_user.parameters())
 
 
-def test_step_through_a_ddp_wrapped_adapter(unet, adapter, tmp_path):
+def test_step_through_a_ddp_wrapped_adapter(unet, adapter, monkeypatch):
     # what `accelerator.prepare(adapter)` gives: only the adapter is distributed and checkpointed
+    from datetime import timedelta
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # no hostname lookup on a machine without network
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60))
     try:
         wrapped = DistributedDataParallel(adapter)
         model = PersonalizedStageC(unet, wrapped)

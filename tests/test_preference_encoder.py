@@ -12,9 +12,11 @@ from transformers import AutoImageProcessor, LlavaOnevisionModel
 
 from ppd_diffusers import BasePreferenceEncoder, PreferenceEncoder
 from ppd_diffusers.preference_pairs import as_user_pairs
+from ppd_diffusers.testing_utils import TINY_LLAVA_ONEVISION
 
 from .conftest import random_users
-from .tiny_models import LLAVA_LAYERS
+
+LLAVA_LAYERS = TINY_LLAVA_ONEVISION["text_layers"]
 
 TOKENS_PER_IMAGE = (28 // 14) ** 2 + 1  # multi-image mode: the base view's patches + a newline
 

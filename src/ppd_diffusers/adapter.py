@@ -74,7 +74,7 @@ class UserAdapter(ModelMixin, ConfigMixin):
             ``2 * user_token_dim * channels`` parameters per block).
         ppd_diffusers_version: The release that saved the weights; filled in automatically.
 
-    Example:
+    Examples:
         >>> from diffusers import StableCascadeUNet
         >>> unet = StableCascadeUNet(
         ...     block_out_channels=(32, 32), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),

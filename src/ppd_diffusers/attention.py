@@ -49,7 +49,7 @@ def decoupled_attention(
     Returns:
         The attention output, same shape as ``hidden_states``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from diffusers.models.attention_processor import Attention
         >>> attn = Attention(query_dim=8, heads=2, dim_head=4, bias=True)

@@ -31,7 +31,7 @@ class CLIPPreferenceEncoder(BasePreferenceEncoder):
 
     Same interface as ``PreferenceEncoder``: ``from_pretrained``, ``encode``, ``save_pretrained``.
 
-    Example:
+    Examples:
         ```py
         encoder = CLIPPreferenceEncoder.from_pretrained("openai/clip-vit-base-patch32")
         encoder.encode(pairs).shape  # torch.Size([1, 4, 1024])

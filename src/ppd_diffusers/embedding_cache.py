@@ -42,7 +42,7 @@ class UserEmbeddingCache:
         cache_dir: Folder of the cache (created if needed).
         encoder: The encoder whose embeddings are cached.
 
-    Example:
+    Examples:
         ```py
         cache = UserEmbeddingCache("user_embeddings_cache", encoder)
         embeds = cache.encode(users_pairs, batch_size=8)  # encodes only the users not cached yet

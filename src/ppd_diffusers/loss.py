@@ -82,7 +82,7 @@ def ppd_loss(
     Returns:
         ``PPDLossOutput``.
 
-    Example:
+    Examples:
         >>> target = torch.zeros(4, 1)
         >>> pred = torch.tensor([[0.1], [0.2], [0.3], [0.4]])
         >>> out = ppd_loss(pred, pred.clone(), target)
@@ -128,7 +128,7 @@ class PPDLoss(nn.Module):
         beta: KL-regularisation strength (default 5000, the Diffusion-DPO value in this convention).
         check_finite: Raise on NaN/Inf inputs.
 
-    Example:
+    Examples:
         >>> loss_fn = PPDLoss(beta=5000)
         >>> pred = torch.randn(4, 16, 8, 8)
         >>> loss_fn(pred, pred, torch.randn_like(pred)).implicit_accuracy.item()

@@ -28,7 +28,7 @@ class PersonalizedStageC(nn.Module):
         adapter: A ``UserAdapter`` built for this UNet (checked: a mismatch raises ``ValueError``). It may be
             wrapped by ``accelerate``/DDP, so that only the adapter is distributed and checkpointed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from diffusers import StableCascadeUNet
         >>> unet = StableCascadeUNet(

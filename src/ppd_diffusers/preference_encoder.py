@@ -39,7 +39,7 @@ class PreferenceEncoder(BasePreferenceEncoder):
 
     Works without torchvision (transformers' PIL image processor), on CPU or GPU, in any dtype.
 
-    Example:
+    Examples:
         ```py
         encoder = PreferenceEncoder.from_pretrained(
             "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", layer=12, pooling="last_k", dtype=torch.bfloat16

@@ -21,16 +21,17 @@ class PreferencePair:
     """One preference of a user: for ``prompt`` they preferred ``chosen`` over ``rejected``.
 
     Images may be PIL images (any mode), ``numpy`` arrays or tensors (``HWC`` or ``CHW``, ``uint8`` or
-    floats in [0, 1]), encoded file bytes, file paths, or ``{"bytes": ..., "path": ...}`` dicts as
+    floats in ``[0, 1]``), encoded file bytes, file paths, or ``{"bytes": ..., "path": ...}`` dicts as
     ``datasets`` stores them. Plain ``(prompt, chosen, rejected)`` tuples and
     ``{"prompt", "chosen", "rejected"}`` dicts are accepted wherever pairs are.
 
-    Example:
+    Examples:
         >>> import PIL.Image
         >>> red, blue = PIL.Image.new("RGB", (8, 8), "red"), PIL.Image.new("RGB", (8, 8), "blue")
         >>> pair = PreferencePair("a red square", chosen=red, rejected=blue)
-        >>> as_user_pairs([pair, ("a blue square", blue, red)])[0][1].prompt
-        'a blue square'
+        >>> (user,) = as_user_pairs([pair, ("a blue square", blue, red)])  # one user, two pairs
+        >>> [p.prompt for p in user]
+        ['a red square', 'a blue square']
     """
 
     prompt: str

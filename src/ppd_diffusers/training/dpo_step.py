@@ -69,7 +69,7 @@ def ppd_dpo_step(
     Returns:
         The ``PPDLossOutput`` of the batch.
 
-    Example:
+    Examples:
         ```py
         from ppd_diffusers.training import ppd_dpo_step
         out = ppd_dpo_step(model, lat_w, lat_l, pooled, users, user_dropout=0.1)

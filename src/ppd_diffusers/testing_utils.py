@@ -1,4 +1,9 @@
-"""Tiny random LLaVA-OneVision and CLIP checkpoints, written like Hub repos, built offline in milliseconds."""
+"""Random-weight LLaVA-OneVision and CLIP checkpoints written like Hub repos, built offline.
+
+For tests, benchmarks and the synthetic-user testbed: the tokenizers are byte-level BPEs trained on the
+spot with ``tokenizers`` and the image processors are transformers' PIL ones, so nothing is downloaded
+and torchvision is not needed. Not imported by ``import ppd_diffusers``.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +26,18 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 CORPUS = ["a photo of a red cat", "a blue dog on grass", "preferred rejected prompt user assistant choices image"]
-LLAVA_IMAGE_SIZE, LLAVA_PATCH = 28, 14  # 4 patches + 1 newline = 5 tokens per image
-LLAVA_LAYERS = 4
+__all__ = ["LLAVA_ONEVISION_0_5B", "TINY_LLAVA_ONEVISION", "save_random_clip", "save_random_llava_onevision"]
+
+# sizes of save_random_llava_onevision
+TINY_LLAVA_ONEVISION = dict(
+    text_hidden=32, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=64,
+    vision_hidden=16, vision_layers=2, vision_heads=2, vision_intermediate=32, image_size=28, patch_size=14,
+)  # fmt: skip
+# llava-hf/llava-onevision-qwen2-0.5b-ov-hf: Qwen2-0.5B + SigLIP-so400m at 384 px (729 tokens per image)
+LLAVA_ONEVISION_0_5B = dict(
+    text_hidden=896, text_layers=24, text_heads=14, text_kv_heads=2, text_intermediate=4864,
+    vision_hidden=1152, vision_layers=26, vision_heads=16, vision_intermediate=4304, image_size=384, patch_size=14,
+)  # fmt: skip
 
 
 def byte_level_tokenizer(specials: list[str], post_processor: processors.PostProcessor | None = None) -> Tokenizer:
@@ -37,8 +52,18 @@ def byte_level_tokenizer(specials: list[str], post_processor: processors.PostPro
     return tokenizer
 
 
-def save_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> None:
-    """A LLaVA-OneVision checkpoint (tiny Qwen2 + SigLIP) with a byte-level tokenizer and PIL processor."""
+def save_random_llava_onevision(
+    path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes: int
+) -> None:
+    """A random LLaVA-OneVision checkpoint (Qwen2 + SigLIP) with a byte-level tokenizer and PIL processor.
+
+    Args:
+        path: Folder to write, laid out like a Hub repo.
+        seed: Seed of the random weights.
+        dtype: dtype of the saved weights.
+        **sizes: Overrides of ``TINY_LLAVA_ONEVISION`` (e.g. ``**LLAVA_ONEVISION_0_5B`` for the real size).
+    """
+    sizes = {**TINY_LLAVA_ONEVISION, **sizes}
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=byte_level_tokenizer(specials),
@@ -48,22 +73,22 @@ def save_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> None:
     )
     text = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=LLAVA_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
+        hidden_size=sizes["text_hidden"],
+        intermediate_size=sizes["text_intermediate"],
+        num_hidden_layers=sizes["text_layers"],
+        num_attention_heads=sizes["text_heads"],
+        num_key_value_heads=sizes["text_kv_heads"],
+        max_position_embeddings=32768,
     )
     vision = SiglipVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=LLAVA_IMAGE_SIZE,
-        patch_size=LLAVA_PATCH,
+        hidden_size=sizes["vision_hidden"],
+        intermediate_size=sizes["vision_intermediate"],
+        num_hidden_layers=sizes["vision_layers"],
+        num_attention_heads=sizes["vision_heads"],
+        image_size=sizes["image_size"],
+        patch_size=sizes["patch_size"],
     )
-    size = LLAVA_IMAGE_SIZE
+    size = sizes["image_size"]
     pinpoints = [[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
     config = LlavaOnevisionConfig(
         text_config=text.to_dict(),
@@ -75,7 +100,7 @@ def save_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> None:
         image_grid_pinpoints=pinpoints,
     )
     torch.manual_seed(seed)
-    LlavaOnevisionForConditionalGeneration(config).save_pretrained(path)
+    LlavaOnevisionForConditionalGeneration(config).to(dtype).save_pretrained(path)
     tokenizer.save_pretrained(path)
     processor = LlavaOnevisionImageProcessorPil(
         size={"height": size, "width": size}, image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3, image_std=[0.5] * 3
@@ -83,8 +108,8 @@ def save_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0) -> None:
     processor.save_pretrained(path)
 
 
-def save_tiny_clip(path: str | os.PathLike, seed: int = 0) -> None:
-    """A CLIP checkpoint whose tokenizer adds BOS/EOS as CLIP's does (its text pooling reads the EOS)."""
+def save_random_clip(path: str | os.PathLike, seed: int = 0) -> None:
+    """A tiny random CLIP checkpoint whose tokenizer adds BOS/EOS as CLIP's does (its pooling reads the EOS)."""
     specials = ["<|startoftext|>", "<|endoftext|>"]
     template = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[(specials[0], 0), (specials[1], 1)]
