@@ -35,13 +35,14 @@ from ppd_diffusers.training import (
 logger = logging.getLogger("compute_user_embeddings")
 
 
-def load_encoder(args: argparse.Namespace, device: str) -> BasePreferenceEncoder:
+def load_encoder(args: argparse.Namespace, device: torch.device) -> BasePreferenceEncoder:
+    # only the options given on the command line: a saved encoder folder keeps its own
+    options = {k: getattr(args, k) for k in ("num_pairs", "pooling", "layer") if getattr(args, k) is not None}
     if args.encoder_type == "clip":
-        return CLIPPreferenceEncoder.from_pretrained(args.encoder, num_pairs=args.num_pairs).to(device)
-    options = {"num_pairs": args.num_pairs, "pooling": args.pooling, "dtype": args.dtype}
-    if args.layer is not None:
-        options["layer"] = args.layer
-    return PreferenceEncoder.from_pretrained(args.encoder, **options).to(device)
+        options.pop("layer", None)
+        options.pop("pooling", None)
+        return CLIPPreferenceEncoder.from_pretrained(args.encoder, device_map=str(device), **options)
+    return PreferenceEncoder.from_pretrained(args.encoder, dtype=args.dtype, device_map=str(device), **options)
 
 
 def main() -> None:
@@ -51,9 +52,9 @@ def main() -> None:
     parser.add_argument("--encoder", required=True, help="VLM/CLIP id or path, or a saved encoder folder")
     parser.add_argument("--encoder_type", choices=["vlm", "clip"], default="vlm")
     parser.add_argument("--layer", type=int, default=None)
-    parser.add_argument("--pooling", default="last", choices=["last", "mean_after_images", "last_k"])
+    parser.add_argument("--pooling", default=None, choices=["last", "mean_after_images", "last_k"])
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--num_pairs", type=int, default=4)
+    parser.add_argument("--num_pairs", type=int, default=None, help="pairs per user (default: the encoder's, 4)")
     parser.add_argument("--draws", type=int, default=1, help="embeddings per user, each from other pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -63,10 +64,12 @@ def main() -> None:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     if os.path.exists(args.dataset) and not os.path.isdir(args.dataset):
-        dataset = datasets.load_dataset(args.dataset.rsplit(".", 1)[-1], data_files=args.dataset, split=args.split)
+        builder = {"jsonl": "json"}.get(args.dataset.rsplit(".", 1)[-1], args.dataset.rsplit(".", 1)[-1])
+        dataset = datasets.load_dataset(builder, data_files=args.dataset, split=args.split)
     else:
         dataset = datasets.load_dataset(args.dataset, split=args.split)
-    draws, stats = sample_user_draws(dataset, args.num_pairs, args.draws, args.seed)
+    encoder = load_encoder(args, state.device)
+    draws, stats = sample_user_draws(dataset, encoder.num_pairs, args.draws, args.seed)
     if state.is_main_process:
         logger.info(
             "%d rows, %d ties dropped; %d users with a draw, %d with fewer than %d pairs skipped; %d draws.",
@@ -74,11 +77,10 @@ def main() -> None:
             stats.ties,
             stats.users,
             stats.users_with_too_few_pairs,
-            args.num_pairs,
+            encoder.num_pairs,
             stats.draws,
         )
 
-    encoder = load_encoder(args, state.device)
     cache = UserEmbeddingCache(os.path.join(args.output_dir, "cache"), encoder)
     shard = os.path.join(args.output_dir, f"shard-{state.process_index:05d}.safetensors")
     with state.split_between_processes(draws) as my_draws:

@@ -141,7 +141,9 @@ def random_users(num_users: int, num_pairs: int = 4, seed: int = 0) -> list[list
 
     rng = np.random.default_rng(seed)
     words = ["red cat", "blue dog", "a photo", "grass"]
+    # prompts of different lengths, so that batched users are padded
     return [
-        [(f"{words[(u + i) % 4]} {u} {i}", random_image(rng), random_image(rng)) for i in range(num_pairs)]
+        [(f"{words[(u + i) % 4]} " * (1 + (u + i) % 3) + f"{u} {i}", random_image(rng), random_image(rng))
+         for i in range(num_pairs)]
         for u in range(num_users)
-    ]
+    ]  # fmt: skip

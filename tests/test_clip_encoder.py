@@ -59,3 +59,19 @@ def test_mean_pooling_batched_equals_single_and_save_load(tiny_clip_dir, tmp_pat
         PreferenceEncoder.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="`pooling` must be one of"):
         CLIPPreferenceEncoder.from_pretrained(tiny_clip_dir, pooling="last")
+
+
+def test_weights_missing_from_a_checkpoint_are_reported(tiny_clip_dir, tmp_path, caplog):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken-clip"
+    shutil.copytree(tiny_clip_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(k for k in weights if "text_projection" in k)
+    del weights[dropped]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="ppd_diffusers.encoder_base"):
+        CLIPPreferenceEncoder.from_pretrained(broken)
+    assert "randomly initialised" in caplog.text and "text_projection" in caplog.text

@@ -98,24 +98,44 @@ def _run(args: list[str], launcher: list[str] | None = None) -> str:
 def test_example_end_to_end_resumes_from_the_cache(dataset_file, tiny_llava_dir, tmp_path):
     import datasets
 
+    from ppd_diffusers import UserEmbeddingCache
+    from ppd_diffusers.training import encode_user_draws
+
     out = tmp_path / "out"
+    dataset = datasets.load_dataset("parquet", data_files=dataset_file, split="train")
+    # a run killed after 3 of its 8 users: their embeddings are in the cache already
+    encoder = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=2, dtype="float32", device_map="cpu")
+    draws, _ = sample_user_draws(dataset, num_pairs=4, draws=2, seed=0)
+    encode_user_draws(UserEmbeddingCache(out / "cache", encoder), dataset, draws[:3])
     args = ["--dataset", dataset_file, "--encoder", tiny_llava_dir, "--layer", "2", "--draws", "2"]
     args += ["--dtype", "float32", "--batch_size", "3", "--output_dir", str(out)]
     log = _run(args)
     assert "24 rows, 3 ties dropped; 4 users with a draw, 1 with fewer than 4 pairs skipped; 8 draws" in log
-    assert "0 from the cache, 8 encoded" in log
+    assert "3 from the cache, 5 encoded" in log
     embeddings, draws, meta = load_user_embeddings(out / "user_embeddings.safetensors")
     assert embeddings.shape == (8, 1, 32) and len(draws) == 8
     assert json.loads((out / "stats.json").read_text())["ties"] == 3
     encoder = PreferenceEncoder.from_pretrained(out / "encoder")
     assert meta["encoder_fingerprint"] == encoder.fingerprint()
-    dataset = datasets.load_dataset("parquet", data_files=dataset_file, split="train")
     expected = encoder.encode([[pair_from_row(dataset[r]) for r in d.rows] for d in draws])
     torch.testing.assert_close(embeddings, expected, rtol=1e-5, atol=1e-5)
-    # an interrupted or repeated run encodes nothing twice
+    # a repeated run encodes nothing
     log = _run(args)
     assert "8 from the cache, 0 encoded" in log
     assert torch.equal(load_user_embeddings(out / "user_embeddings.safetensors")[0], embeddings)
+
+
+def test_example_keeps_the_options_of_a_saved_encoder(dataset_file, tiny_llava_dir, tmp_path):
+    saved = tmp_path / "encoder"
+    PreferenceEncoder.from_pretrained(
+        tiny_llava_dir, layer=1, pooling="last_k", num_pooled_tokens=3, num_pairs=2
+    ).save_pretrained(saved)
+    log = _run(
+        ["--dataset", dataset_file, "--encoder", str(saved), "--dtype", "float32", "--output_dir", str(tmp_path / "o")]
+    )
+    assert "5 users with a draw, 0 with fewer than 2 pairs skipped; 5 draws" in log  # carol's 2 pairs now count
+    embeddings, draws, _ = load_user_embeddings(tmp_path / "o" / "user_embeddings.safetensors")
+    assert embeddings.shape == (5, 3, 32) and all(len(d.rows) == 2 for d in draws)
 
 
 def test_example_splits_users_across_processes(dataset_file, tiny_llava_dir, tmp_path):

@@ -63,6 +63,37 @@ def test_keys_change_with_whatever_changes_the_embedding(encoder, tiny_clip_dir,
     assert cache.key(as_user_pairs(as_png)[0]) == key
 
 
+def _write_many(directory: str, key: str, value: float) -> None:
+    from ppd_diffusers.embedding_cache import UserEmbeddingCache as Cache
+
+    class Fingerprinted:  # just what the cache reads from an encoder
+        def fingerprint(self):
+            return "f" * 64
+
+    cache = Cache(directory, Fingerprinted())
+    for _ in range(25):
+        cache.put(key, torch.full((4, 48), value))
+
+
+def test_two_processes_writing_the_same_user_leave_one_whole_file(tmp_path):
+    import multiprocessing
+
+    key = "cd" + "1" * 62
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_write_many, args=(str(tmp_path), key, v)) for v in (1.0, 2.0)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    from safetensors.torch import load_file
+
+    (path,) = glob.glob(str(tmp_path / "*" / "cd" / f"{key}.safetensors"))
+    stored = load_file(path)["user_embedding"]
+    assert torch.equal(stored, torch.full((4, 48), 1.0)) or torch.equal(stored, torch.full((4, 48), 2.0))
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o644)
+
+
 def test_writes_are_atomic_and_concurrent_writers_are_safe(encoder, tmp_path):
     cache = UserEmbeddingCache(tmp_path, encoder)
     key = "ab" + "0" * 62

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -92,6 +93,8 @@ def test_default_layer_is_the_middle_one(tiny_llava_dir):
 def test_pooling_by_hand_and_batched_equals_one_by_one(tiny_llava_dir, full_model, pooling):
     encoder = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=2, pooling=pooling, num_pooled_tokens=3)
     users = random_users(3, seed=4)
+    lengths = encoder.prepare_inputs(as_user_pairs(users))["attention_mask"].sum(dim=1)
+    assert len(set(lengths.tolist())) == 3  # the batch really is padded
     batched = encoder.encode(users)
     tokens = 3 if pooling == "last_k" else 1
     assert batched.shape == (3, tokens, 32) == (3, encoder.num_tokens, encoder.embed_dim)
@@ -141,6 +144,51 @@ def test_dtype_and_device_map_arguments(tiny_llava_dir):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     legacy = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=2, torch_dtype=torch.bfloat16)
     assert legacy.model.dtype == torch.bfloat16
+
+
+def test_half_precision_and_large_activations(tiny_llava_dir):
+    encoder = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=2, dtype=torch.float16)
+    assert torch.isfinite(encoder.encode(random_users(2, seed=6))).all()
+    # Qwen2 activations reach the thousands: pooling must not sum them in half precision
+    mean = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=2, pooling="mean_after_images")
+    inputs = mean.prepare_inputs(as_user_pairs(random_users(1)))
+    hidden = torch.full((1, inputs["input_ids"].shape[1], 32), 3000.0, dtype=torch.float16)
+    pooled = mean._pool(hidden, inputs["input_ids"], inputs["attention_mask"])
+    assert torch.equal(pooled, torch.full((1, 1, 32), 3000.0))
+
+
+def _fake_hub_cache(root, repo: str, snapshot_dir: str, commits: list[str]):
+    """A Hugging Face cache holding `repo` at each commit, `refs/main` at the first one."""
+    import shutil
+
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    for commit in commits:
+        shutil.copytree(snapshot_dir, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commits[0])
+    return repo_dir
+
+
+def test_hub_id_loads_through_the_hub_cache_and_records_its_commit(tiny_llava_dir, tmp_path):
+    commits = ["a" * 40, "b" * 40]
+    repo_dir = _fake_hub_cache(tmp_path, "ppd-test/tiny-llava-onevision", tiny_llava_dir, commits)
+    code = """
+from ppd_diffusers import PreferenceEncoder
+encoder = PreferenceEncoder.from_pretrained("ppd-test/tiny-llava-onevision", layer=1)
+print(encoder.config["revision"], encoder.fingerprint())
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+
+    def run() -> list[str]:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.split()[-2:]
+
+    revision, fingerprint = run()
+    assert revision == commits[0]
+    (repo_dir / "refs" / "main").write_text(commits[1])  # the repo moved on upstream
+    new_revision, new_fingerprint = run()
+    assert new_revision == commits[1] and new_fingerprint != fingerprint
 
 
 def test_works_without_torchvision(tiny_llava_dir):

@@ -36,7 +36,8 @@ def test_every_image_form_becomes_the_same_rgb_image(tmp_path):
         "hwc_uint8": array,
         "chw_float": array.transpose(2, 0, 1) / 255.0,
         "tensor_chw_float": torch.from_numpy(array.transpose(2, 0, 1) / 255.0),
-        "tensor_hwc_uint8": torch.from_numpy(array.copy()),
+        "tensor_chw_uint8": torch.from_numpy(array.transpose(2, 0, 1).copy()),
+        "tensor_batch_of_one": torch.from_numpy(array.transpose(2, 0, 1) / 255.0)[None],
         "bytes": _png_bytes(RED),
         "path_str": str(path),
         "path": path,
@@ -85,7 +86,16 @@ def test_errors_name_the_argument_and_the_pair():
             as_user_pairs(pairs, num_pairs=4)
 
 
+def test_half_precision_tensors_are_images():
+    image = torch.rand(3, 5, 4)
+    expected = np.asarray(load_rgb_image(image))
+    bf16 = np.asarray(load_rgb_image(image.bfloat16()))
+    assert bf16.shape == (5, 4, 3) and np.abs(bf16.astype(int) - expected).max() <= 2
+
+
 def test_bad_arrays_raise():
+    with pytest.raises(ValueError, match=r"`x` holds floats in \[-1, 1\].*\(image \+ 1\) / 2"):
+        load_rgb_image(torch.linspace(-1, 1, 48).view(3, 4, 4), "x")
     with pytest.raises(ValueError, match="NaN or Inf"):
         load_rgb_image(np.full((2, 2, 3), np.nan), "x")
     with pytest.raises(ValueError, match=r"image array, got shape \(2, 2, 5\)"):

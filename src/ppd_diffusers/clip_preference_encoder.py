@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder_base import BasePreferenceEncoder, quiet_transformers
+from .encoder_base import BasePreferenceEncoder, load_quietly, pop_hub_kwargs, resolve_model_source
 from .preference_pairs import PreferencePair
 
 __all__ = ["CLIPPreferenceEncoder"]
@@ -38,7 +38,7 @@ class CLIPPreferenceEncoder(BasePreferenceEncoder):
         ```
     """
 
-    config_keys: ClassVar[tuple[str, ...]] = ("revision", "pooling", "num_pairs")
+    config_keys: ClassVar[tuple[str, ...]] = ("revision", "subfolder", "pooling", "num_pairs")
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, config: dict[str, Any]):
         super().__init__(config)
@@ -53,6 +53,7 @@ class CLIPPreferenceEncoder(BasePreferenceEncoder):
         pooling: Literal["pairs", "mean"] = "pairs",
         num_pairs: int = 4,
         revision: str | None = None,
+        subfolder: str | None = None,
         dtype: torch.dtype | str | None = None,
         torch_dtype: torch.dtype | str | None = None,
         device_map: Any = None,
@@ -64,7 +65,8 @@ class CLIPPreferenceEncoder(BasePreferenceEncoder):
             model_name_or_path: Hub id or local path of a CLIP checkpoint.
             pooling: ``"pairs"`` (one token per pair) or ``"mean"`` (one token).
             num_pairs: Pairs per user.
-            revision: Model revision on the Hub.
+            revision: Model revision on the Hub; the encoder records the commit it resolves to.
+            subfolder: Where the model lies inside the repo or folder.
             dtype: The model's dtype (``torch_dtype`` is accepted as an alias).
             device_map: As in transformers' ``from_pretrained``.
             **model_kwargs: Passed to ``CLIPModel.from_pretrained``.
@@ -75,20 +77,17 @@ class CLIPPreferenceEncoder(BasePreferenceEncoder):
             raise ValueError(f"`pooling` must be one of {_POOLINGS}, got {pooling!r}.")
         if num_pairs < 1:
             raise ValueError(f"`num_pairs` must be a positive integer, got {num_pairs}.")
-        hub = {"revision": revision, **{k: model_kwargs.pop(k) for k in ("token", "cache_dir") if k in model_kwargs}}
-        with quiet_transformers():
-            model = CLIPModel.from_pretrained(
-                model_name_or_path,
-                dtype=dtype if dtype is not None else torch_dtype,
-                device_map=device_map,
-                **hub,
-                **model_kwargs,
-            )
+        hub = pop_hub_kwargs(model_kwargs, revision, subfolder)
+        model_name_or_path, hub = resolve_model_source(model_name_or_path, hub)
+        dtype = dtype if dtype is not None else torch_dtype
+        model = load_quietly(
+            CLIPModel.from_pretrained, model_name_or_path, dtype=dtype, device_map=device_map, **hub, **model_kwargs
+        )
         model.eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **hub)
         image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, **hub)
-        config = {"model_name_or_path": model_name_or_path, "revision": revision, "pooling": pooling}
-        return cls(model, tokenizer, image_processor, {**config, "num_pairs": num_pairs})
+        config = {"model_name_or_path": model_name_or_path, "revision": hub.get("revision"), "subfolder": subfolder}
+        return cls(model, tokenizer, image_processor, {**config, "pooling": pooling, "num_pairs": num_pairs})
 
     @property
     def embed_dim(self) -> int:
@@ -97,9 +96,6 @@ class CLIPPreferenceEncoder(BasePreferenceEncoder):
     @property
     def num_tokens(self) -> int:
         return self.num_pairs if self.config["pooling"] == "pairs" else 1
-
-    def _model_revision(self) -> str | None:
-        return getattr(self.model.config, "_commit_hash", None) or self.config["revision"]
 
     def _encode_batch(self, users: list[list[PreferencePair]]) -> torch.Tensor:
         pairs = [pair for user in users for pair in user]

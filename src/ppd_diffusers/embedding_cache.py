@@ -35,8 +35,10 @@ class UserEmbeddingCache:
     pooling, the question or the model revision starts a fresh set of keys. Files are written to a
     temporary name and renamed into place, so several processes can fill one cache at once.
 
-    A local model path is identified by its path and revision only: clear the cache after replacing
-    the weights behind a path.
+    A Hub model is identified by its commit hash; a local model by its absolute path only, so clear
+    the cache after replacing the weights behind a path. Keys hash decoded pixels rather than file
+    bytes, so the same image stored as PNG or JPEG-decoded array is the same user; the price is that
+    a resumed run decodes the images of users it already has.
 
     Args:
         cache_dir: Folder of the cache (created if needed).
@@ -84,6 +86,7 @@ class UserEmbeddingCache:
         os.close(fd)
         try:
             save_file({"user_embedding": embedding.detach().cpu().contiguous()}, tmp, {"encoder": self.fingerprint})
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a shared cache must be readable by all
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

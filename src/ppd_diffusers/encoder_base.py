@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .preference_pairs import PreferencePair, as_user_pairs
 
-__all__ = ["CONFIG_NAME", "BasePreferenceEncoder"]
+__all__ = ["CONFIG_NAME", "BasePreferenceEncoder", "resolve_model_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,15 @@ class BasePreferenceEncoder(nn.Module):
     def _from_model(cls, model_name_or_path: str, **kwargs: Any) -> BasePreferenceEncoder:
         raise NotImplementedError
 
-    def _model_revision(self) -> str | None:
-        return None
+    def _runtime_identity(self) -> dict[str, Any]:
+        """What besides the config changes the numbers (dtype, attention kernel, image preprocessing)."""
+        model = getattr(self, "model", None)
+        processor = getattr(self, "image_processor", None)
+        return {
+            "dtype": str(getattr(model, "dtype", None)),
+            "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
+            "image_processor": type(processor).__name__ if processor is not None else None,
+        }
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -101,9 +109,8 @@ class BasePreferenceEncoder(nn.Module):
         return torch.cat(outputs).float()
 
     def fingerprint(self) -> str:
-        """A hash of everything that determines the embeddings: class, options and model revision."""
-        identity = {"encoder_class": type(self).__name__, **self.config, "model_revision": self._model_revision()}
-        identity.pop("ppd_diffusers_version", None)
+        """A hash of what determines the embeddings: class, options, model revision, dtype, kernels."""
+        identity = {"encoder_class": type(self).__name__, **self.config, **self._runtime_identity()}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -142,7 +149,7 @@ class BasePreferenceEncoder(nn.Module):
                     f"`{pretrained_model_name_or_path}` holds no {CONFIG_NAME}: load a model with a concrete encoder "
                     "class, e.g. `PreferenceEncoder.from_pretrained(...)` or `CLIPPreferenceEncoder.from_pretrained`."
                 )
-            return cls._from_model(os.fspath(pretrained_model_name_or_path), **kwargs)
+            return cls._from_model(os.fspath(pretrained_model_name_or_path), subfolder=subfolder, **kwargs)
         encoder_class = _ENCODER_CLASSES.get(config.pop("encoder_class", None))
         if encoder_class is None or not issubclass(encoder_class, cls):
             raise ValueError(f"{CONFIG_NAME} in `{pretrained_model_name_or_path}` is not a `{cls.__name__}` config.")
@@ -167,6 +174,55 @@ def _find_encoder_config(path: str, subfolder: str | None, revision: str | None)
             return None  # a plain model repo, or offline: the model loader reports what is missing
     with open(file) as f:
         return json.load(f)
+
+
+def resolve_model_source(model_name_or_path: str, hub_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Pins a model to what will be loaded: an absolute local path, or a Hub id at its commit hash.
+
+    ``hub_kwargs`` (``revision``, ``subfolder``, ``token``, ``cache_dir``, ``local_files_only``) are
+    returned with ``revision`` replaced by the resolved commit, so that the model, tokenizer and image
+    processor all load the same snapshot and the encoder's config records it.
+    """
+    if os.path.isdir(model_name_or_path):
+        return os.path.abspath(model_name_or_path), hub_kwargs
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(
+        model_name_or_path,
+        "config.json",
+        **{
+            k: v
+            for k, v in hub_kwargs.items()
+            if k in ("revision", "subfolder", "token", "cache_dir", "local_files_only")
+        },
+    )
+    parts = Path(path).parts
+    if "snapshots" in parts:
+        hub_kwargs = {**hub_kwargs, "revision": parts[parts.index("snapshots") + 1]}
+    return model_name_or_path, hub_kwargs
+
+
+def pop_hub_kwargs(model_kwargs: dict[str, Any], revision: str | None, subfolder: str | None) -> dict[str, Any]:
+    """The loading arguments shared by a model, its tokenizer and its image processor."""
+    hub = {"revision": revision, "subfolder": subfolder}
+    for key in ("token", "cache_dir", "local_files_only"):
+        if key in model_kwargs:
+            hub[key] = model_kwargs.pop(key)
+    return {k: v for k, v in hub.items() if v is not None}
+
+
+def load_quietly(load: Any, *args: Any, **kwargs: Any) -> Any:
+    """Loads a transformers model without its load report (a truncated model lists its dropped layers as
+    unexpected weights), but still warns about weights the checkpoint lacks."""
+    with quiet_transformers():
+        model, info = load(*args, output_loading_info=True, **kwargs)
+    if info.get("missing_keys"):
+        logger.warning(
+            "%s: weights missing from the checkpoint were randomly initialised: %s",
+            type(model).__name__,
+            sorted(info["missing_keys"])[:10],
+        )
+    return model
 
 
 @contextmanager

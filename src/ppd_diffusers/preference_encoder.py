@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from .encoder_base import BasePreferenceEncoder, quiet_transformers
+from .encoder_base import BasePreferenceEncoder, load_quietly, pop_hub_kwargs, resolve_model_source
 from .preference_pairs import PreferencePair
 
 __all__ = ["DEFAULT_QUESTION", "PreferenceEncoder"]
@@ -51,6 +51,7 @@ class PreferenceEncoder(BasePreferenceEncoder):
 
     config_keys: ClassVar[tuple[str, ...]] = (
         "revision",
+        "subfolder",
         "layer",
         "pooling",
         "num_pooled_tokens",
@@ -79,6 +80,7 @@ class PreferenceEncoder(BasePreferenceEncoder):
         question: str = DEFAULT_QUESTION,
         num_pairs: int = 4,
         revision: str | None = None,
+        subfolder: str | None = None,
         dtype: torch.dtype | str | None = None,
         torch_dtype: torch.dtype | str | None = None,
         device_map: Any = None,
@@ -93,7 +95,8 @@ class PreferenceEncoder(BasePreferenceEncoder):
             num_pooled_tokens: Tokens kept by ``"last_k"``.
             question: The text that closes each user's conversation.
             num_pairs: Pairs per user.
-            revision: Model revision on the Hub.
+            revision: Model revision on the Hub; the encoder records the commit it resolves to.
+            subfolder: Where the model lies inside the repo or folder.
             dtype: The model's dtype (``torch_dtype`` is accepted as an alias).
             device_map: As in transformers' ``from_pretrained``.
             **model_kwargs: Passed to the model's ``from_pretrained`` (e.g. ``attn_implementation``).
@@ -106,7 +109,8 @@ class PreferenceEncoder(BasePreferenceEncoder):
             raise ValueError("`num_pooled_tokens` and `num_pairs` must be positive integers.")
         if not question.strip():
             raise ValueError("`question` must be a non-empty string.")
-        hub = {"revision": revision, **{k: model_kwargs.pop(k) for k in ("token", "cache_dir") if k in model_kwargs}}
+        hub = pop_hub_kwargs(model_kwargs, revision, subfolder)
+        model_name_or_path, hub = resolve_model_source(model_name_or_path, hub)
         model_config = AutoConfig.from_pretrained(model_name_or_path, **hub)
         if model_config.model_type != "llava_onevision":
             raise ValueError(
@@ -118,15 +122,15 @@ class PreferenceEncoder(BasePreferenceEncoder):
         text_config.num_hidden_layers = keep
         if getattr(text_config, "layer_types", None) is not None:
             text_config.layer_types = text_config.layer_types[:keep]
-        with quiet_transformers():
-            model = LlavaOnevisionModel.from_pretrained(
-                model_name_or_path,
-                config=model_config,
-                dtype=dtype if dtype is not None else torch_dtype,
-                device_map=device_map,
-                **hub,
-                **model_kwargs,
-            )
+        model = load_quietly(
+            LlavaOnevisionModel.from_pretrained,
+            model_name_or_path,
+            config=model_config,
+            dtype=dtype if dtype is not None else torch_dtype,
+            device_map=device_map,
+            **hub,
+            **model_kwargs,
+        )
         if layer != -1:
             # hidden_states[i] of the full model is the output of layer i before the final norm
             model.language_model.norm = nn.Identity()
@@ -137,7 +141,8 @@ class PreferenceEncoder(BasePreferenceEncoder):
         image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, **hub)
         config = {
             "model_name_or_path": model_name_or_path,
-            "revision": revision,
+            "revision": hub.get("revision"),
+            "subfolder": subfolder,
             "layer": layer,
             "pooling": pooling,
             "num_pooled_tokens": num_pooled_tokens,
@@ -153,9 +158,6 @@ class PreferenceEncoder(BasePreferenceEncoder):
     @property
     def num_tokens(self) -> int:
         return self.config["num_pooled_tokens"] if self.config["pooling"] == "last_k" else 1
-
-    def _model_revision(self) -> str | None:
-        return getattr(self.model.config, "_commit_hash", None) or self.config["revision"]
 
     def build_conversation(self, pairs: list[PreferencePair]) -> str:
         """The chat text for one user, with one image placeholder per image (before expansion)."""
@@ -180,14 +182,16 @@ class PreferenceEncoder(BasePreferenceEncoder):
 
     def _encode_batch(self, users: list[list[PreferencePair]]) -> torch.Tensor:
         inputs = self.prepare_inputs(users)
-        device = self.model.get_input_embeddings().weight.device
-        dtype = self.model.get_input_embeddings().weight.dtype
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        hidden = self.model(**inputs).last_hidden_state
+        embeddings = self.model.get_input_embeddings().weight
+        inputs["pixel_values"] = inputs["pixel_values"].to(embeddings.dtype)
+        # image_sizes and batch_num_images stay on the CPU: the model loops over them in Python
+        for key in ("input_ids", "attention_mask", "pixel_values"):
+            inputs[key] = inputs[key].to(embeddings.device)
+        hidden = self.model(**inputs, use_cache=False).last_hidden_state
         return self._pool(hidden, inputs["input_ids"], inputs["attention_mask"])
 
     def _pool(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()  # Qwen2's activations reach the thousands: a half-precision mean overflows
         lengths = attention_mask.sum(dim=1)
         positions = torch.arange(hidden.shape[1], device=hidden.device)
         pooling = self.config["pooling"]
@@ -203,7 +207,7 @@ class PreferenceEncoder(BasePreferenceEncoder):
             return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         image_positions = torch.where(input_ids == self.model.config.image_token_id, positions, -1)
         after_images = (positions > image_positions.amax(dim=1, keepdim=True)) & (positions < lengths.unsqueeze(1))
-        weights = after_images.to(hidden.dtype).unsqueeze(-1)
+        weights = after_images.float().unsqueeze(-1)
         return ((hidden * weights).sum(dim=1) / weights.sum(dim=1)).unsqueeze(1)
 
 

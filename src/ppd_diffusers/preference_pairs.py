@@ -20,10 +20,11 @@ ImageLike = Union[PIL.Image.Image, np.ndarray, "torch.Tensor", bytes, str, os.Pa
 class PreferencePair:
     """One preference of a user: for ``prompt`` they preferred ``chosen`` over ``rejected``.
 
-    Images may be PIL images (any mode), ``numpy`` arrays or tensors (``HWC`` or ``CHW``, ``uint8`` or
-    floats in ``[0, 1]``), encoded file bytes, file paths, or ``{"bytes": ..., "path": ...}`` dicts as
-    ``datasets`` stores them. Plain ``(prompt, chosen, rejected)`` tuples and
-    ``{"prompt", "chosen", "rejected"}`` dicts are accepted wherever pairs are.
+    Images may be PIL images (any mode), ``numpy`` arrays (``HWC`` as PIL lays them out, or ``CHW``),
+    tensors (``CHW`` or ``1CHW`` as torch lays them out), ``uint8`` or floats in ``[0, 1]``, encoded
+    file bytes, file paths, or ``{"bytes": ..., "path": ...}`` dicts as ``datasets`` stores them.
+    Plain ``(prompt, chosen, rejected)`` tuples and ``{"prompt", "chosen", "rejected"}`` dicts are
+    accepted wherever pairs are.
 
     Examples:
         >>> import PIL.Image
@@ -66,7 +67,13 @@ def load_rgb_image(image: ImageLike, name: str = "image") -> PIL.Image.Image:
             what = "bytes" if isinstance(image, bytes | bytearray) else f"file {os.fspath(image)!r}"
             raise ValueError(f"`{name}` is not a readable image ({what}): {error}") from error
     if type(image).__module__.startswith("torch"):
-        image = image.detach().cpu().numpy()
+        image = image.detach().cpu()
+        if image.ndim == 4 and image.shape[0] == 1:  # a batch of one
+            image = image[0]
+        if image.ndim == 3:  # torch's channels-first layout
+            image = image.permute(1, 2, 0)
+        # numpy has no bfloat16: every float tensor goes through float32
+        image = (image if str(image.dtype) == "torch.uint8" else image.float()).numpy()
     if isinstance(image, np.ndarray):
         return _array_to_image(image, name)
     raise ValueError(
@@ -87,6 +94,12 @@ def _array_to_image(array: np.ndarray, name: str) -> PIL.Image.Image:
             raise ValueError(f"`{name}` must hold uint8 values or floats in [0, 1], got dtype {array.dtype}.")
         if not np.isfinite(array).all():
             raise ValueError(f"`{name}` contains NaN or Inf values.")
+        low, high = float(array.min()), float(array.max())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(
+                f"`{name}` holds floats in [{low:.3g}, {high:.3g}]; float images must lie in [0, 1] "
+                "(for images in [-1, 1] pass `(image + 1) / 2`)."
+            )
         array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
     return PIL.Image.fromarray(array).convert("RGB")
 
