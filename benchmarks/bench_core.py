@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import subprocess
 import sys
@@ -217,28 +218,25 @@ def child_main(args, dtype: torch.dtype) -> None:
 
 def bench_training(args, config_name: str, dtype: torch.dtype, dtype_name: str) -> list[dict]:
     rows = []
+    cuda = args.device.startswith("cuda")
     for variant in TRAIN_VARIANTS:
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        step, trained = training_step_fn(variant, args, config_name, dtype)
-        seconds = interleaved_median({variant: step}, args.device, args.train_rounds, args.warmup)[variant]
-        if args.device.startswith("cuda"):
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = run_child(args, config_name, variant, dtype_name)["peak_bytes"]
-        rows.append(
-            {
-                "config": config_name,
-                "variant": variant,
-                "pairs": args.pairs,
-                "step_s": seconds,
-                "pairs_per_s": args.pairs / seconds,
-                "peak_gib": peak / 2**30,
-                "trained_params_m": trained / 1e6,
-            }
-        )
-        print(json.dumps(rows[-1]), file=sys.stderr)
+        row = {"config": config_name, "variant": variant, "pairs": args.pairs}
+        step = None
+        try:
+            if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+            step, trained = training_step_fn(variant, args, config_name, dtype)
+            if cuda:  # count weights, gradients, optimizer state and activations, not the fp32 build
+                torch.cuda.reset_peak_memory_stats()
+            seconds = interleaved_median({variant: step}, args.device, args.train_rounds, args.warmup)[variant]
+            peak = torch.cuda.max_memory_allocated() if cuda else run_child(args, config_name, variant, dtype_name)
+            row.update(step_s=seconds, pairs_per_s=args.pairs / seconds, trained_params_m=trained / 1e6)
+            row["peak_gib"] = (peak if cuda else peak["peak_bytes"]) / 2**30
+        except torch.OutOfMemoryError:
+            row.update(step_s=float("nan"), pairs_per_s=float("nan"), peak_gib=float("nan"), oom=True)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
         del step
     base = next(r for r in rows if r["variant"] == "full_dpo")
     for row in rows:
@@ -263,7 +261,8 @@ def to_markdown(result: dict) -> str:
     lines += ["|---|---|---|---|---|---|---|---|"]
     for r in result["training"]:
         lines.append(
-            f"| {r['config']} | {r['variant']} | {r['pairs']} | {r['step_s']:.3f} | {r['pairs_per_s']:.2f} | "
+            f"| {r['config']} | {r['variant']}{' (out of memory)' if r.get('oom') else ''} | {r['pairs']} | "
+            f"{r['step_s']:.3f} | {r['pairs_per_s']:.2f} | "
             f"{r['peak_gib']:.3f} | {r['time_vs_full_dpo']:.2f} | {r['memory_vs_full_dpo']:.2f} |"
         )
     return "\n".join(lines)
