@@ -6,9 +6,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .encoder_base import BasePreferenceEncoder, load_quietly, pop_hub_kwargs, resolve_model_source
+from .encoder_base import BasePreferenceEncoder, load_processors, load_quietly, pop_hub_kwargs, resolve_model_source
 from .preference_pairs import PreferencePair
 
 __all__ = ["CLIPPreferenceEncoder"]
@@ -40,12 +39,6 @@ class CLIPPreferenceEncoder(BasePreferenceEncoder):
 
     config_keys: ClassVar[tuple[str, ...]] = ("revision", "subfolder", "pooling", "num_pairs")
 
-    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, config: dict[str, Any]):
-        super().__init__(config)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-
     @classmethod
     def _from_model(
         cls,
@@ -71,7 +64,7 @@ class CLIPPreferenceEncoder(BasePreferenceEncoder):
             device_map: As in transformers' ``from_pretrained``.
             **model_kwargs: Passed to ``CLIPModel.from_pretrained``.
         """
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        from transformers import CLIPModel
 
         if pooling not in _POOLINGS:
             raise ValueError(f"`pooling` must be one of {_POOLINGS}, got {pooling!r}.")
@@ -84,8 +77,7 @@ class CLIPPreferenceEncoder(BasePreferenceEncoder):
             CLIPModel.from_pretrained, model_name_or_path, dtype=dtype, device_map=device_map, **hub, **model_kwargs
         )
         model.eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **hub)
-        image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, **hub)
+        tokenizer, image_processor = load_processors(model_name_or_path, hub)
         config = {"model_name_or_path": model_name_or_path, "revision": hub.get("revision"), "subfolder": subfolder}
         return cls(model, tokenizer, image_processor, {**config, "pooling": pooling, "num_pairs": num_pairs})
 

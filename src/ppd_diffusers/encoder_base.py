@@ -28,10 +28,16 @@ _ENCODER_CLASSES: dict[str, type[BasePreferenceEncoder]] = {}
 class BasePreferenceEncoder(nn.Module):
     """Turns each user's preference pairs into a user embedding of shape ``(tokens, width)``.
 
-    Subclasses wrap a pretrained model; ``from_pretrained`` takes either that model's id/path (with the
-    encoder's options as keyword arguments) or a folder written by ``save_pretrained``, whose
-    ``preference_encoder_config.json`` names the encoder class and every option, so that a saved encoder
-    reproduces the same embeddings.
+    Subclasses wrap a pretrained transformers model with its tokenizer and image processor;
+    ``from_pretrained`` takes either that model's id/path (with the encoder's options as keyword
+    arguments) or a folder written by ``save_pretrained``, whose ``preference_encoder_config.json`` names
+    the encoder class and every option, so that a saved encoder reproduces the same embeddings.
+
+    Args:
+        model: The wrapped model (frozen, in eval mode).
+        tokenizer: Its tokenizer.
+        image_processor: Its image processor.
+        config: The encoder's options, as saved by ``save_pretrained``.
     """
 
     config_keys: ClassVar[tuple[str, ...]] = ()
@@ -40,8 +46,11 @@ class BasePreferenceEncoder(nn.Module):
         super().__init_subclass__(**kwargs)
         _ENCODER_CLASSES[cls.__name__] = cls
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, config: dict[str, Any]):
         super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
         self.config = dict(config)
 
     # ----------------------------------------------------------------------------------------------------
@@ -66,12 +75,10 @@ class BasePreferenceEncoder(nn.Module):
 
     def _runtime_identity(self) -> dict[str, Any]:
         """What besides the config changes the numbers (dtype, attention kernel, image preprocessing)."""
-        model = getattr(self, "model", None)
-        processor = getattr(self, "image_processor", None)
         return {
-            "dtype": str(getattr(model, "dtype", None)),
-            "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
-            "image_processor": type(processor).__name__ if processor is not None else None,
+            "dtype": str(self.model.dtype),
+            "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+            "image_processor": type(self.image_processor).__name__,
         }
 
     # ----------------------------------------------------------------------------------------------------
@@ -209,6 +216,14 @@ def pop_hub_kwargs(model_kwargs: dict[str, Any], revision: str | None, subfolder
         if key in model_kwargs:
             hub[key] = model_kwargs.pop(key)
     return {k: v for k, v in hub.items() if v is not None}
+
+
+def load_processors(model_name_or_path: str, hub_kwargs: dict[str, Any], **tokenizer_kwargs: Any) -> tuple[Any, Any]:
+    """The tokenizer and image processor of a model, from the same snapshot as the model."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **hub_kwargs, **tokenizer_kwargs)
+    return tokenizer, AutoImageProcessor.from_pretrained(model_name_or_path, **hub_kwargs)
 
 
 def load_quietly(load: Any, *args: Any, **kwargs: Any) -> Any:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from .encoder_base import BasePreferenceEncoder, load_quietly, pop_hub_kwargs, resolve_model_source
+from .encoder_base import BasePreferenceEncoder, load_processors, load_quietly, pop_hub_kwargs, resolve_model_source
 from .preference_pairs import PreferencePair
 
 __all__ = ["DEFAULT_QUESTION", "PreferenceEncoder"]
@@ -60,10 +60,7 @@ class PreferenceEncoder(BasePreferenceEncoder):
     )
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, config: dict[str, Any]):
-        super().__init__(config)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        super().__init__(model, tokenizer, image_processor, config)
         vision = model.config.vision_config
         # multi-image mode: every image becomes its base view plus one newline token
         patches = (vision.image_size // vision.patch_size) ** 2
@@ -101,7 +98,7 @@ class PreferenceEncoder(BasePreferenceEncoder):
             device_map: As in transformers' ``from_pretrained``.
             **model_kwargs: Passed to the model's ``from_pretrained`` (e.g. ``attn_implementation``).
         """
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaOnevisionModel
+        from transformers import AutoConfig, LlavaOnevisionModel
 
         if pooling not in _POOLINGS:
             raise ValueError(f"`pooling` must be one of {_POOLINGS}, got {pooling!r}.")
@@ -135,10 +132,10 @@ class PreferenceEncoder(BasePreferenceEncoder):
             # hidden_states[i] of the full model is the output of layer i before the final norm
             model.language_model.norm = nn.Identity()
         model.eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, padding_side="right", **hub)
+        # right padding keeps every user's positions: a batch equals its users one by one
+        tokenizer, image_processor = load_processors(model_name_or_path, hub, padding_side="right")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, **hub)
         config = {
             "model_name_or_path": model_name_or_path,
             "revision": hub.get("revision"),
