@@ -90,6 +90,7 @@ class BasePreferenceEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the wrapped model's first parameter."""
         return next(self.parameters()).device
 
     @torch.no_grad()
