@@ -31,42 +31,15 @@ from diffusers import StableCascadeUNet
 
 from ppd_diffusers import PPDLoss, UserAdapter, ppd_loss
 from ppd_diffusers.noise import add_noise
+from ppd_diffusers.testing_utils import STAGE_C_PRIOR, STAGE_C_PRIOR_LITE, tiny_stage_c_config
 from ppd_diffusers.training import ppd_dpo_step
 
-STAGE_C = dict(
-    in_channels=16,
-    out_channels=16,
-    timestep_ratio_embedding_dim=64,
-    patch_size=1,
-    conditioning_dim=2048,
-    block_out_channels=(2048, 2048),
-    num_attention_heads=(32, 32),
-    down_num_layers_per_block=(8, 24),
-    up_num_layers_per_block=(24, 8),
-    down_blocks_repeat_mappers=(1, 1),
-    up_blocks_repeat_mappers=(1, 1),
-    clip_text_in_channels=1280,
-    clip_text_pooled_in_channels=1280,
-    clip_image_in_channels=768,
-    clip_seq=4,
-    dropout=(0.1, 0.1),
-    self_attn=True,
-    timestep_conditioning_type=("sca", "crp"),
-    switch_level=(False,),
-)
 CONFIGS = {
-    "stage_c": dict(STAGE_C, latent_size=24),
-    "lite": dict(
-        STAGE_C,
-        conditioning_dim=1536,
-        block_out_channels=(1536, 1536),
-        num_attention_heads=(24, 24),
-        down_num_layers_per_block=(4, 12),
-        up_num_layers_per_block=(12, 4),
-        latent_size=24,
-    ),
-    "tiny": dict(
-        STAGE_C,
+    "stage_c": STAGE_C_PRIOR,
+    "lite": STAGE_C_PRIOR_LITE,
+    "tiny": tiny_stage_c_config(
+        in_channels=16,
+        out_channels=16,
         conditioning_dim=64,
         block_out_channels=(64, 64),
         num_attention_heads=(4, 4),
@@ -75,15 +48,15 @@ CONFIGS = {
         clip_text_in_channels=32,
         clip_text_pooled_in_channels=32,
         clip_image_in_channels=24,
-        latent_size=12,
+        clip_seq=4,
     ),
 }
+LATENT_SIZE = {"stage_c": 24, "lite": 24, "tiny": 12}  # 24 x 24 is Stage C at 1024 px
 TEXT_TOKENS = 77
 
 
 def build(config_name: str, args, dtype: torch.dtype, adapter_dtype: torch.dtype):
-    config = dict(CONFIGS[config_name])
-    size = config.pop("latent_size")
+    config, size = CONFIGS[config_name], LATENT_SIZE[config_name]
     torch.manual_seed(0)
     with torch.device(args.device):
         unet = StableCascadeUNet(**config).to(dtype).eval().requires_grad_(False)

@@ -18,24 +18,10 @@ from diffusers import StableCascadeUNet
 from tqdm.auto import tqdm
 
 from ppd_diffusers import PPDLoss, UserAdapter
+from ppd_diffusers.testing_utils import tiny_stage_c_config
 from ppd_diffusers.training import ppd_dpo_step
 
 logger = logging.getLogger("quickstart")
-
-TINY_STAGE_C = dict(
-    in_channels=4,
-    out_channels=4,
-    timestep_ratio_embedding_dim=16,
-    conditioning_dim=32,
-    block_out_channels=(32, 32),
-    num_attention_heads=(2, 2),
-    down_num_layers_per_block=(1, 1),
-    up_num_layers_per_block=(1, 1),
-    clip_text_in_channels=16,
-    clip_text_pooled_in_channels=16,
-    clip_image_in_channels=16,
-    switch_level=(False,),
-)
 
 
 def preference_pairs(user_sign: torch.Tensor, generator: torch.Generator):
@@ -57,7 +43,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as hub:
         # Stands in for StableCascadeUNet.from_pretrained("stabilityai/stable-cascade-prior", subfolder="prior").
-        StableCascadeUNet(**TINY_STAGE_C).save_pretrained(f"{hub}/prior")
+        StableCascadeUNet(**tiny_stage_c_config()).save_pretrained(f"{hub}/prior")
         unet = StableCascadeUNet.from_pretrained(f"{hub}/prior").eval().requires_grad_(False)
 
         adapter = UserAdapter.from_unet(unet, user_embed_dim=8, num_user_tokens=2, user_token_dim=16)

@@ -7,32 +7,21 @@ import torch
 from diffusers import StableCascadeUNet
 
 from ppd_diffusers import UserAdapter
+from ppd_diffusers.testing_utils import tiny_stage_c_config
 
 USER_DIM = 24
 
 
 def tiny_unet_config(**overrides) -> dict:
-    """A miniature of the Stage C prior config (two levels, text + pooled + image conditioning)."""
-    config = dict(
-        in_channels=4,
-        out_channels=4,
-        timestep_ratio_embedding_dim=16,
-        conditioning_dim=32,
+    """A miniature of the Stage C prior (two levels of different widths, text + pooled + image conditioning)."""
+    two_widths = dict(
         block_out_channels=(32, 48),
         num_attention_heads=(2, 4),
         down_num_layers_per_block=(1, 2),
         up_num_layers_per_block=(2, 1),
-        clip_text_in_channels=16,
-        clip_text_pooled_in_channels=16,
         clip_image_in_channels=12,
-        clip_seq=2,
-        dropout=(0.1, 0.1),
-        self_attn=True,
-        timestep_conditioning_type=("sca", "crp"),
-        switch_level=(False,),
     )
-    config.update(overrides)
-    return config
+    return tiny_stage_c_config(**{**two_widths, **overrides})
 
 
 def build_unet(seed: int = 0, **overrides) -> StableCascadeUNet:

@@ -1,32 +1,81 @@
-"""Random-weight LLaVA-OneVision and CLIP checkpoints written like Hub repos, built offline.
+"""Model configs and random-weight checkpoints for tests, benchmarks and the synthetic-user testbed.
 
-For tests, benchmarks and the synthetic-user testbed: the tokenizers are byte-level BPEs trained on the
-spot with ``tokenizers`` and the image processors are transformers' PIL ones, so nothing is downloaded
-and torchvision is not needed. Not imported by ``import ppd_diffusers``.
+Stage C ``StableCascadeUNet`` configs (the real prior, its lite variant, a CPU-sized miniature), and
+LLaVA-OneVision / CLIP checkpoints written like Hub repos: their tokenizers are byte-level BPEs trained
+on the spot with ``tokenizers`` and their image processors are transformers' PIL ones, so nothing is
+downloaded and torchvision is not needed. Not imported by ``import ppd_diffusers``.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    CLIPConfig,
-    CLIPModel,
-    CLIPTextConfig,
-    CLIPVisionConfig,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    SiglipVisionConfig,
-)
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+__all__ = [
+    "LLAVA_ONEVISION_0_5B",
+    "STAGE_C_PRIOR",
+    "STAGE_C_PRIOR_LITE",
+    "TINY_LLAVA_ONEVISION",
+    "save_random_clip",
+    "save_random_llava_onevision",
+    "tiny_stage_c_config",
+]
 
 CORPUS = ["a photo of a red cat", "a blue dog on grass", "preferred rejected prompt user assistant choices image"]
-__all__ = ["LLAVA_ONEVISION_0_5B", "TINY_LLAVA_ONEVISION", "save_random_clip", "save_random_llava_onevision"]
+
+# `StableCascadeUNet` of stabilityai/stable-cascade-prior, subfolder "prior": 64 attention blocks, 3.6B
+STAGE_C_PRIOR: dict[str, Any] = dict(
+    in_channels=16,
+    out_channels=16,
+    timestep_ratio_embedding_dim=64,
+    patch_size=1,
+    conditioning_dim=2048,
+    block_out_channels=(2048, 2048),
+    num_attention_heads=(32, 32),
+    down_num_layers_per_block=(8, 24),
+    up_num_layers_per_block=(24, 8),
+    down_blocks_repeat_mappers=(1, 1),
+    up_blocks_repeat_mappers=(1, 1),
+    clip_text_in_channels=1280,
+    clip_text_pooled_in_channels=1280,
+    clip_image_in_channels=768,
+    clip_seq=4,
+    dropout=(0.1, 0.1),
+    self_attn=True,
+    timestep_conditioning_type=("sca", "crp"),
+    switch_level=(False,),
+)
+# subfolder "prior_lite": 32 attention blocks, 1.0B
+STAGE_C_PRIOR_LITE: dict[str, Any] = dict(
+    STAGE_C_PRIOR,
+    conditioning_dim=1536,
+    block_out_channels=(1536, 1536),
+    num_attention_heads=(24, 24),
+    down_num_layers_per_block=(4, 12),
+    up_num_layers_per_block=(12, 4),
+)
+
+
+def tiny_stage_c_config(**overrides: Any) -> dict[str, Any]:
+    """The Stage C prior layout shrunk to a few thousand parameters per block, for CPU tests and demos."""
+    tiny = dict(
+        in_channels=4,
+        out_channels=4,
+        timestep_ratio_embedding_dim=16,
+        conditioning_dim=32,
+        block_out_channels=(32, 32),
+        num_attention_heads=(2, 2),
+        down_num_layers_per_block=(1, 1),
+        up_num_layers_per_block=(1, 1),
+        clip_text_in_channels=16,
+        clip_text_pooled_in_channels=16,
+        clip_image_in_channels=16,
+        clip_seq=2,
+    )
+    return {**STAGE_C_PRIOR, **tiny, **overrides}
+
 
 # sizes of save_random_llava_onevision
 TINY_LLAVA_ONEVISION = dict(
@@ -40,7 +89,10 @@ LLAVA_ONEVISION_0_5B = dict(
 )  # fmt: skip
 
 
-def byte_level_tokenizer(specials: list[str], post_processor: processors.PostProcessor | None = None) -> Tokenizer:
+def byte_level_tokenizer(specials: list[str], post_processor: Any = None) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on a few words, with ``specials`` reserved."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -63,6 +115,17 @@ def save_random_llava_onevision(
         dtype: dtype of the saved weights.
         **sizes: Overrides of ``TINY_LLAVA_ONEVISION`` (e.g. ``**LLAVA_ONEVISION_0_5B`` for the real size).
     """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
     sizes = {**TINY_LLAVA_ONEVISION, **sizes}
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
     tokenizer = PreTrainedTokenizerFast(
@@ -110,6 +173,10 @@ def save_random_llava_onevision(
 
 def save_random_clip(path: str | os.PathLike, seed: int = 0) -> None:
     """A tiny random CLIP checkpoint whose tokenizer adds BOS/EOS as CLIP's does (its pooling reads the EOS)."""
+    from tokenizers import processors
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     specials = ["<|startoftext|>", "<|endoftext|>"]
     template = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[(specials[0], 0), (specials[1], 1)]
