@@ -101,6 +101,7 @@ def main() -> None:
         with open(os.path.join(args.output_dir, "stats.json"), "w") as f:
             json.dump({k: v for k, v in vars(stats).items() if k != "per_user_pairs"}, f, indent=2)
         logger.info("wrote %s (%d embeddings)", final, stats.draws)
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

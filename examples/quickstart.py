@@ -1,4 +1,4 @@
-"""Quickstart: personalize a (tiny, random) Stage C prior for two users with PPD, on a CPU in a minute.
+"""Quickstart: personalize a (tiny, random) Stage C prior for two users with PPD, on a CPU in seconds.
 
 Two synthetic users disagree: user A prefers latents with a positive mean, user B a negative one.
 One `UserAdapter` is trained for both with the user-conditioned DPO loss; afterwards each user's

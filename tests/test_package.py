@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import ppd_diffusers
 
@@ -15,7 +16,9 @@ def _new_modules(setup: str, code: str) -> set[str]:
         f"import json, sys\n{setup}\nbefore = set(sys.modules)\n{code}\n"
         "print(json.dumps(sorted(set(sys.modules) - before)))"
     )
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=300
+    ).stdout
     return set(json.loads(out.strip().splitlines()[-1]))
 
 
@@ -39,9 +42,14 @@ def test_version_comes_from_package_metadata():
 
 
 def test_every_public_name_resolves_and_is_documented():
-    for name in ppd_diffusers.__all__:
-        if name == "__version__":
-            continue
-        obj = getattr(ppd_diffusers, name)
-        assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
+    import ppd_diffusers.training
+
+    docs = "".join(path.read_text() for path in (Path(__file__).parents[1] / "docs" / "api").glob("*.md"))
+    for module in (ppd_diffusers, ppd_diffusers.training):
+        for name in module.__all__:
+            if name == "__version__":
+                continue
+            obj = getattr(module, name)
+            assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
+            assert f"::: {module.__name__}.{name}" in docs, f"{module.__name__}.{name} has no docs page"
     assert set(ppd_diffusers.__all__) <= set(dir(ppd_diffusers))

@@ -180,7 +180,7 @@ print(encoder.config["revision"], encoder.fingerprint())
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
 
     def run() -> list[str]:
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout.split()[-2:]
 
@@ -200,7 +200,7 @@ from tests.conftest import random_users
 encoder = PreferenceEncoder.from_pretrained({tiny_llava_dir!r}, layer=1)
 print(tuple(encoder.encode(random_users(2)).shape))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300).stdout
     assert out.strip().splitlines()[-1] == "(2, 1, 32)"
 
 

@@ -75,6 +75,7 @@ class UserAdapter(ModelMixin, ConfigMixin):
         ppd_diffusers_version: The release that saved the weights; filled in automatically.
 
     Examples:
+        >>> import torch
         >>> from diffusers import StableCascadeUNet
         >>> unet = StableCascadeUNet(
         ...     block_out_channels=(32, 32), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),

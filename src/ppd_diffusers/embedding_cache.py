@@ -29,10 +29,11 @@ def _image_digest(image: Any) -> bytes:
 class UserEmbeddingCache:
     """Caches an encoder's user embeddings as safetensors files, one per user.
 
-    The key of a user is a SHA-256 of the encoder's ``fingerprint()`` (its class, options and model
-    revision) and of the user's pairs: each prompt and the decoded RGB pixels of both images, in
-    order. So re-running over thousands of users encodes each user once, and changing the layer, the
-    pooling, the question or the model revision starts a fresh set of keys. Files are written to a
+    The key of a user is a SHA-256 of the encoder's ``fingerprint()`` (its class, options, model
+    revision, dtype, attention kernel and image processor settings) and of the user's pairs: each
+    prompt and the decoded RGB pixels of both images, in order. So re-running over thousands of users
+    encodes each user once, and changing the layer, the pooling, the question or the model revision
+    starts a fresh set of keys. Files are written to a
     temporary name and renamed into place, so several processes can fill one cache at once.
 
     A Hub model is identified by its commit hash; a local model by its absolute path only, so clear

@@ -79,6 +79,7 @@ class BasePreferenceEncoder(nn.Module):
             "dtype": str(self.model.dtype),
             "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
             "image_processor": type(self.image_processor).__name__,
+            "image_processor_config": self.image_processor.to_dict(),
         }
 
     # ----------------------------------------------------------------------------------------------------
@@ -117,9 +118,10 @@ class BasePreferenceEncoder(nn.Module):
         return torch.cat(outputs).float()
 
     def fingerprint(self) -> str:
-        """A hash of what determines the embeddings: class, options, model revision, dtype, kernels."""
+        """A hash of what determines the embeddings: class, options, model revision, dtype, attention kernel,
+        image processor and its settings."""
         identity = {"encoder_class": type(self).__name__, **self.config, **self._runtime_identity()}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Writes ``preference_encoder_config.json``: the model id/path, revision and every option.

@@ -83,6 +83,7 @@ def ppd_loss(
         ``PPDLossOutput``.
 
     Examples:
+        >>> import torch
         >>> target = torch.zeros(4, 1)
         >>> pred = torch.tensor([[0.1], [0.2], [0.3], [0.4]])
         >>> out = ppd_loss(pred, pred.clone(), target)
@@ -129,6 +130,7 @@ class PPDLoss(nn.Module):
         check_finite: Raise on NaN/Inf inputs.
 
     Examples:
+        >>> import torch
         >>> loss_fn = PPDLoss(beta=5000)
         >>> pred = torch.randn(4, 16, 8, 8)
         >>> loss_fn(pred, pred, torch.randn_like(pred)).implicit_accuracy.item()

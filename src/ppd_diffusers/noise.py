@@ -25,6 +25,7 @@ def alphas_cumprod(t: torch.Tensor, s: float = COSINE_S) -> torch.Tensor:
     The float32 operations are those of ``DDPMWuerstchenScheduler``, so both agree bit for bit.
 
     Examples:
+        >>> import torch
         >>> alphas_cumprod(torch.tensor([0.0, 1.0])).tolist() == [0.9998999834060669, 9.999999747378752e-05]
         True
     """

@@ -28,6 +28,7 @@ class PreferencePair:
 
     Examples:
         >>> import PIL.Image
+        >>> from ppd_diffusers.preference_pairs import as_user_pairs
         >>> red, blue = PIL.Image.new("RGB", (8, 8), "red"), PIL.Image.new("RGB", (8, 8), "blue")
         >>> pair = PreferencePair("a red square", chosen=red, rejected=blue)
         >>> (user,) = as_user_pairs([pair, ("a blue square", blue, red)])  # one user, two pairs

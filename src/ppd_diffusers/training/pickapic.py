@@ -69,7 +69,7 @@ def sample_user_draws(
         seed: Seed of the sampling.
 
     Returns:
-        The draws, sorted by user id then draw, and the statistics.
+        The draws, ordered by user id (by ``repr`` when ids are not comparable) then draw, and the statistics.
     """
     if num_pairs < 1 or draws < 1:
         raise ValueError(f"`num_pairs` and `draws` must be positive integers, got {num_pairs} and {draws}.")
@@ -82,7 +82,11 @@ def sample_user_draws(
         else:
             rows_of_user[user_id].append(row)
     result = []
-    for user_id in sorted(rows_of_user, key=repr):
+    try:
+        users = sorted(rows_of_user)
+    except TypeError:  # ids of mixed types
+        users = sorted(rows_of_user, key=repr)
+    for user_id in users:
         rows = rows_of_user[user_id]
         stats.per_user_pairs[user_id] = len(rows)
         if len(rows) < num_pairs:
