@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from diffusers import StableCascadeUNet
+from hypothesis import settings
 
 from ppd_diffusers import UserAdapter
 from ppd_diffusers.testing_utils import tiny_stage_c_config
 
 USER_DIM = 24
+
+# CI replays the same examples every run (reproducible); locally hypothesis keeps exploring new ones
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def tiny_unet_config(**overrides) -> dict:
