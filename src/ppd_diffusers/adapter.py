@@ -178,7 +178,8 @@ class UserAdapter(ModelMixin, ConfigMixin):
     def attach(self, unet: StableCascadeUNet) -> PersonalizedStageC:
         """Checks that this adapter fits ``unet`` and returns a ``PersonalizedStageC`` running both.
 
-        ``unet`` is not modified; ``PersonalizedStageC.detach()`` gives it back.
+        The UNet's weights are never changed. As peft does with its base models, this freezes ``unet``
+        (``requires_grad_(False)``) and keeps it in ``eval()``; ``PersonalizedStageC.detach()`` gives it back.
         """
         from .personalized_unet import PersonalizedStageC
 
