@@ -38,8 +38,13 @@ def alphas_cumprod(t: torch.Tensor, s: float = COSINE_S) -> torch.Tensor:
 def sample_timesteps(
     batch_size: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Draws ``t ~ U[0, 1)`` for each of ``batch_size`` samples (how Stability trained Stage C)."""
-    return torch.rand(batch_size, device=device, generator=generator)
+    """Draws ``t ~ U[0, 1)`` for each of ``batch_size`` samples (how Stability trained Stage C).
+
+    The draw happens on ``generator``'s device (so a CPU generator seeds a GPU run reproducibly), then
+    moves to ``device``.
+    """
+    rng_device = generator.device if generator is not None else device
+    return torch.rand(batch_size, device=rng_device, generator=generator).to(device)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, s: float = COSINE_S) -> torch.Tensor:

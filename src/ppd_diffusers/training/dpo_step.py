@@ -9,7 +9,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..loss import PPDLoss, PPDLossOutput
-from ..noise import add_noise, timestep_weight
+from ..noise import add_noise, sample_timesteps, timestep_weight
 
 __all__ = ["ppd_dpo_step"]
 
@@ -90,7 +90,7 @@ def ppd_dpo_step(
     pairs, device = latents_chosen.shape[0], latents_chosen.device
     rng_device = generator.device if generator is not None else device
 
-    t = torch.rand(pairs, generator=generator, device=rng_device).to(device)
+    t = sample_timesteps(pairs, device=device, generator=generator)
     noise = randn_tensor(latents_chosen.shape, generator=generator, device=device, dtype=latents_chosen.dtype)
     if user_dropout > 0:
         keep = torch.rand(pairs, generator=generator, device=rng_device).to(device) >= user_dropout
