@@ -28,13 +28,31 @@ def test_import_alone_loads_nothing_heavy():
     assert all(name.split(".")[0] in sys.stdlib_module_names or name.startswith("ppd_diffusers") for name in new), new
 
 
+PIPELINE_NAMES = ["PaellaVQModel", "PersonalizedStableCascadePipeline", "PersonalizedStableCascadePipelineOutput"]
+
+
+def _foreign_modules(setup: str, names: list[str]) -> set[str]:
+    code = f"import ppd_diffusers\nfor name in {names!r}: getattr(ppd_diffusers, name)"
+    new = _new_modules(setup, code)
+    assert "ppd_diffusers.training" not in new and "datasets" not in new
+    return {n for n in new if not n.startswith("ppd_diffusers") and n.split(".")[0] not in sys.stdlib_module_names}
+
+
 def test_core_names_load_nothing_beyond_what_diffusers_itself_imports():
     setup = "from diffusers import ConfigMixin, DDPMWuerstchenScheduler, ModelMixin, StableCascadeUNet"
-    code = "import ppd_diffusers\nfor name in ppd_diffusers.__all__: getattr(ppd_diffusers, name)"
-    new = _new_modules(setup, code)
-    foreign = {n for n in new if not n.startswith("ppd_diffusers") and n.split(".")[0] not in sys.stdlib_module_names}
+    names = [name for name in ppd_diffusers.__all__ if name not in PIPELINE_NAMES and name != "__version__"]
+    foreign = _foreign_modules(setup, names)
     assert not foreign, f"`import ppd_diffusers` pulled in {sorted(foreign)}"
-    assert "ppd_diffusers.training" not in new and "datasets" not in new
+
+
+def test_pipeline_loads_nothing_beyond_diffusers_pipelines():
+    setup = (
+        "from diffusers import DiffusionPipeline, DDPMWuerstchenScheduler, StableCascadeUNet\n"
+        "from diffusers.callbacks import PipelineCallback\n"
+        "from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import PaellaVQModel"
+    )
+    foreign = _foreign_modules(setup, PIPELINE_NAMES)
+    assert not foreign, f"the pipeline pulled in {sorted(foreign)}"
 
 
 def test_version_comes_from_package_metadata():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import PIL.Image
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from ppd_diffusers import PreferencePair
+from ppd_diffusers import PreferencePair, load_preference_pairs
 from ppd_diffusers.preference_pairs import as_user_pairs, load_rgb_image
 
 
@@ -110,3 +111,37 @@ def test_a_truncated_image_file_is_reported(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"`pairs\[1\]\[0\].rejected` is not a readable image \(file.*truncated"):
         as_user_pairs([[("a", RED, RED)], [("b", RED, str(path))]], name="pairs")
+
+
+def test_load_preference_pairs_from_file_and_folder(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for name, color in (("a.png", "red"), ("b.png", "blue")):
+        PIL.Image.new("L", (6, 4), 128 if color == "red" else 20).save(tmp_path / "imgs" / name)
+    items = [{"prompt": "p0", "chosen": "imgs/a.png", "rejected": "imgs/b.png"},
+             {"prompt": "p1", "chosen": str(tmp_path / "imgs" / "b.png"), "rejected": "imgs/a.png"}]  # fmt: skip
+    (tmp_path / "pairs.json").write_text(json.dumps(items))
+    for source in (tmp_path, tmp_path / "pairs.json"):
+        pairs = load_preference_pairs(source)
+        assert [p.prompt for p in pairs] == ["p0", "p1"]
+        assert pairs[0].chosen.mode == "RGB" and pairs[0].chosen.size == (6, 4)
+        assert np.asarray(pairs[1].chosen).max() == 20 and np.asarray(pairs[1].rejected).max() == 128
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{", "is not valid JSON"),
+        ('{"prompt": "p"}', "must hold a list"),
+        ('["x"]', r"pairs.json\[0\]` must be an object"),
+        ('[{"prompt": "p", "chosen": 3, "rejected": "b.png"}]', r"pairs.json\[0\].chosen` must be an image path"),
+        ('[{"prompt": "p", "chosen": "missing.png", "rejected": "missing.png"}]', r"pairs.json\[0\].chosen"),
+        ('[{"prompt": "", "chosen": "a.png", "rejected": "a.png"}]', r"pairs.json\[0\].prompt"),
+    ],
+)
+def test_load_preference_pairs_errors_name_the_pair(tmp_path, content, message):
+    PIL.Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "pairs.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_preference_pairs(tmp_path)
+    with pytest.raises(FileNotFoundError, match="pairs.json"):
+        load_preference_pairs(tmp_path / "nowhere")

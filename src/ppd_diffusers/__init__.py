@@ -25,6 +25,10 @@ _LAZY_NAMES = {
     "UserAdapter": "adapter",
     "UserKeyValues": "adapter",
     "PersonalizedStageC": "personalized_unet",
+    "PersonalizedStableCascadePipeline": "pipeline_personalized_stable_cascade",
+    "PersonalizedStableCascadePipelineOutput": "pipeline_personalized_stable_cascade",
+    "PaellaVQModel": "paella",
+    "load_preference_pairs": "preference_pairs",
     "decoupled_attention": "attention",
     "PPDLoss": "loss",
     "PPDLossOutput": "loss",
@@ -40,6 +44,9 @@ __all__ = [
     "CLIPPreferenceEncoder",
     "PPDLoss",
     "PPDLossOutput",
+    "PaellaVQModel",
+    "PersonalizedStableCascadePipeline",
+    "PersonalizedStableCascadePipelineOutput",
     "PersonalizedStageC",
     "PreferenceEncoder",
     "PreferencePair",
@@ -50,6 +57,7 @@ __all__ = [
     "add_noise",
     "alphas_cumprod",
     "decoupled_attention",
+    "load_preference_pairs",
     "ppd_loss",
     "sample_timesteps",
     "timestep_weight",
@@ -63,14 +71,25 @@ if TYPE_CHECKING:
     from .encoder_base import BasePreferenceEncoder
     from .loss import PPDLoss, PPDLossOutput, ppd_loss
     from .noise import add_noise, alphas_cumprod, sample_timesteps, timestep_weight
+    from .paella import PaellaVQModel
     from .personalized_unet import PersonalizedStageC
+    from .pipeline_personalized_stable_cascade import (
+        PersonalizedStableCascadePipeline,
+        PersonalizedStableCascadePipelineOutput,
+    )
     from .preference_encoder import PreferenceEncoder
-    from .preference_pairs import PreferencePair
+    from .preference_pairs import PreferencePair, load_preference_pairs
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY_NAMES:
-        module = importlib.import_module(f".{_LAZY_NAMES[name]}", __name__)
+        try:
+            module = importlib.import_module(f".{_LAZY_NAMES[name]}", __name__)
+        except ImportError as err:
+            if name != "PaellaVQModel":
+                raise
+            # an AttributeError keeps `getattr(ppd_diffusers, name, None)` (diffusers' pipeline saving) working
+            raise AttributeError(str(err)) from err
         value = getattr(module, name)
         globals()[name] = value
         return value

@@ -94,6 +94,11 @@ class BasePreferenceEncoder(nn.Module):
         """The device of the wrapped model's first parameter."""
         return next(self.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the wrapped model's first parameter (as diffusers pipelines ask of every component)."""
+        return next(self.parameters()).dtype
+
     @torch.no_grad()
     def encode(
         self, preference_pairs: Sequence[Any], batch_size: int = 8, show_progress: bool | None = None

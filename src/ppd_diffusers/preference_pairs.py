@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any, Union
 import numpy as np
 import PIL.Image
 
-__all__ = ["ImageLike", "PreferencePair", "as_user_pairs", "load_rgb_image"]
+__all__ = ["ImageLike", "PreferencePair", "as_user_pairs", "load_preference_pairs", "load_rgb_image"]
 
 ImageLike = Union[PIL.Image.Image, np.ndarray, "torch.Tensor", bytes, str, os.PathLike, Mapping[str, Any]]  # noqa: F821
 
@@ -164,3 +165,53 @@ def as_user_pairs(
             raise ValueError(f"`{user_name}` needs {num_pairs} pairs, got {len(user)}.")
         result.append([_as_pair(item, f"{user_name}[{i}]") for i, item in enumerate(user)])
     return result
+
+
+PAIRS_FILE = "pairs.json"
+
+
+def load_preference_pairs(path: str | os.PathLike) -> list[PreferencePair]:
+    """Reads one user's preference pairs from a JSON file, or from a folder holding ``pairs.json``.
+
+    The file is a list of ``{"prompt": ..., "chosen": ..., "rejected": ...}`` objects whose image paths are
+    relative to the file (absolute paths work too). Images are opened and converted to RGB here, so a
+    missing or unreadable file is reported with the pair it belongs to.
+
+    Args:
+        path: A ``.json`` file, or a folder with a ``pairs.json``.
+
+    Returns:
+        The pairs, in file order, with ``PIL.Image`` images.
+
+    Examples:
+        ```json
+        [
+          {"prompt": "a cat in the snow", "chosen": "cat_a.png", "rejected": "cat_b.png"},
+          {"prompt": "a city at night", "chosen": "city_b.png", "rejected": "city_a.png"}
+        ]
+        ```
+    """
+    file = os.path.join(path, PAIRS_FILE) if os.path.isdir(path) else os.fspath(path)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"`path` must be a JSON file of pairs or a folder with {PAIRS_FILE}, got {path!r}.")
+    with open(file) as f:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`{file}` is not valid JSON: {err}") from err
+    if not isinstance(items, list):
+        kind = type(items).__name__
+        raise ValueError(f"`{file}` must hold a list of {{prompt, chosen, rejected}} objects, not a {kind}.")
+    root = os.path.dirname(os.path.abspath(file))
+    pairs = []
+    for i, item in enumerate(items):
+        name = f"{os.path.basename(file)}[{i}]"
+        if not isinstance(item, Mapping):
+            raise ValueError(f"`{name}` must be an object with `prompt`, `chosen` and `rejected`.")
+        images = {}
+        for key in ("chosen", "rejected"):
+            if not isinstance(item.get(key), str):
+                raise ValueError(f"`{name}.{key}` must be an image path, got {item.get(key)!r}.")
+            images[key] = os.path.join(root, item[key])
+        pairs.append(_as_pair({**item, **images}, name))
+    return pairs

@@ -15,11 +15,15 @@ import torch
 
 __all__ = [
     "LLAVA_ONEVISION_0_5B",
+    "PAELLA_VQ",
+    "STAGE_B_DECODER",
     "STAGE_C_PRIOR",
     "STAGE_C_PRIOR_LITE",
     "TINY_LLAVA_ONEVISION",
     "save_random_clip",
     "save_random_llava_onevision",
+    "save_tiny_stable_cascade",
+    "tiny_stage_b_config",
     "tiny_stage_c_config",
 ]
 
@@ -75,6 +79,61 @@ def tiny_stage_c_config(**overrides: Any) -> dict[str, Any]:
         clip_seq=2,
     )
     return {**STAGE_C_PRIOR, **tiny, **overrides}
+
+
+# `StableCascadeUNet` of stabilityai/stable-cascade, subfolder "decoder" (Stage B): conditioned on Stage C latents
+STAGE_B_DECODER: dict[str, Any] = dict(
+    in_channels=4,
+    out_channels=4,
+    timestep_ratio_embedding_dim=64,
+    patch_size=2,
+    conditioning_dim=1280,
+    block_out_channels=(320, 640, 1280, 1280),
+    num_attention_heads=(0, 0, 20, 20),
+    down_num_layers_per_block=(2, 6, 28, 6),
+    up_num_layers_per_block=(6, 28, 6, 2),
+    down_blocks_repeat_mappers=(1, 1, 1, 1),
+    up_blocks_repeat_mappers=(3, 3, 2, 2),
+    block_types_per_layer=(
+        ("SDCascadeResBlock", "SDCascadeTimestepBlock"),
+        ("SDCascadeResBlock", "SDCascadeTimestepBlock"),
+        ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),
+        ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),
+    ),
+    clip_text_pooled_in_channels=1280,
+    clip_seq=4,
+    effnet_in_channels=16,
+    pixel_mapper_in_channels=3,
+    kernel_size=3,
+    dropout=(0, 0, 0.1, 0.1),
+    self_attn=True,
+    timestep_conditioning_type=("sca",),
+    switch_level=None,
+)
+# `PaellaVQModel` (Stage A) of stabilityai/stable-cascade, subfolder "vqgan": 4x upsampling
+PAELLA_VQ: dict[str, Any] = dict(
+    levels=2, bottleneck_blocks=12, embed_dim=384, latent_channels=4, num_vq_embeddings=8192, scale_factor=0.3764
+)
+
+
+def tiny_stage_b_config(**overrides: Any) -> dict[str, Any]:
+    """The Stage B decoder layout shrunk for CPU tests: two levels, attention on the second."""
+    tiny = dict(
+        timestep_ratio_embedding_dim=16,
+        patch_size=1,
+        conditioning_dim=32,
+        block_out_channels=(16, 32),
+        num_attention_heads=(0, 2),
+        down_num_layers_per_block=(1, 1),
+        up_num_layers_per_block=(1, 1),
+        down_blocks_repeat_mappers=(1, 1),
+        up_blocks_repeat_mappers=(2, 1),
+        block_types_per_layer=STAGE_B_DECODER["block_types_per_layer"][1:3],
+        clip_text_pooled_in_channels=16,
+        effnet_in_channels=4,
+        dropout=(0, 0.1),
+    )
+    return {**STAGE_B_DECODER, **tiny, **overrides}
 
 
 # sizes of save_random_llava_onevision
@@ -208,3 +267,79 @@ def save_random_clip(path: str | os.PathLike, seed: int = 0) -> None:
     ).save_pretrained(path)
     tokenizer.save_pretrained(path)
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+
+
+def clip_text_tokenizer(model_max_length: int = 77) -> Any:
+    """A ``CLIPTokenizer`` over single bytes (no merges): every word becomes its characters, the last
+    one marked end-of-word, exactly as CLIP's own BPE does before merging."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    for suffix in ("", "</w>"):
+        vocab.update({char + suffix: len(vocab) + i for i, char in enumerate(alphabet)})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def save_tiny_stable_cascade(
+    prior_path: str | os.PathLike,
+    decoder_path: str | os.PathLike | None = None,
+    seed: int = 0,
+    variant: str | None = None,
+) -> None:
+    """Random tiny Stable Cascade repos laid out like ``stabilityai/stable-cascade-prior`` and
+    ``stabilityai/stable-cascade``.
+
+    The prior folder gets ``prior``, ``text_encoder``, ``tokenizer``, ``scheduler``, ``image_encoder`` and
+    ``feature_extractor``; the decoder folder gets ``decoder``, ``vqgan`` and ``scheduler``. Stage C has 4
+    latent channels; with ``resolution_multiple=8`` and ``latent_dim_scale=2`` a 32 px image is a 4x4 Stage C
+    latent, an 8x8 Stage B latent and 4x that after the VQGAN.
+
+    Args:
+        prior_path: Folder for the Stage C repo.
+        decoder_path: Folder for the Stage B/A repo (skipped when ``None``).
+        seed: Seed of the random weights.
+        variant: Also the variant name of the UNets' weight files (e.g. ``"bf16"``, saved in bfloat16), as
+            the Hub repos ship both.
+    """
+    from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    def save_unet(unet: StableCascadeUNet, path: str) -> None:
+        unet.save_pretrained(path)
+        if variant is not None:
+            unet.to(torch.bfloat16).save_pretrained(path, variant=variant)
+
+    torch.manual_seed(seed)
+    tokenizer = clip_text_tokenizer()
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+        projection_dim=16,
+    )  # fmt: skip
+    save_unet(StableCascadeUNet(**tiny_stage_c_config()), os.path.join(prior_path, "prior"))
+    CLIPTextModelWithProjection(text).save_pretrained(os.path.join(prior_path, "text_encoder"))
+    tokenizer.save_pretrained(os.path.join(prior_path, "tokenizer"))
+    DDPMWuerstchenScheduler().save_pretrained(os.path.join(prior_path, "scheduler"))
+    CLIPVisionModelWithProjection(vision).save_pretrained(os.path.join(prior_path, "image_encoder"))
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        os.path.join(prior_path, "feature_extractor")
+    )
+    if decoder_path is None:
+        return
+    from .paella import PaellaVQModel
+
+    save_unet(StableCascadeUNet(**tiny_stage_b_config()), os.path.join(decoder_path, "decoder"))
+    tiny_vq = dict(bottleneck_blocks=1, embed_dim=16, num_vq_embeddings=32)
+    PaellaVQModel(**{**PAELLA_VQ, **tiny_vq}).save_pretrained(os.path.join(decoder_path, "vqgan"))
+    DDPMWuerstchenScheduler().save_pretrained(os.path.join(decoder_path, "scheduler"))
