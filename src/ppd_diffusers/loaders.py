@@ -162,7 +162,7 @@ class PPDLoaderMixin:
             ```
         """
         from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
         unknown = sorted(set(hub_kwargs) - set(_HUB_KWARGS))
         if unknown:
@@ -174,7 +174,7 @@ class PPDLoaderMixin:
             text_encoder=_load(
                 CLIPTextModelWithProjection.from_pretrained, subfolder="text_encoder", **prior_repo, **_hf(weights)
             ),
-            tokenizer=AutoTokenizer.from_pretrained(subfolder="tokenizer", **prior_repo),
+            tokenizer=CLIPTokenizer.from_pretrained(subfolder="tokenizer", **prior_repo),
             scheduler=DDPMWuerstchenScheduler.from_pretrained(subfolder="scheduler", **prior_repo),
         )
         if load_image_encoder:
