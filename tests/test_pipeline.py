@@ -64,7 +64,10 @@ USERS = random_users(3)
 
 def test_end_to_end_to_pil(pipe):
     randomize_(pipe.user_adapter)
+    adapter_calls = []
+    pipe.user_adapter.register_forward_hook(lambda *args: adapter_calls.append(1))
     out = pipe(["a red cat", "a blue dog"], preference_pairs=USERS[0], num_images_per_prompt=2, **CALL)
+    assert len(adapter_calls) == 1  # user keys/values once per call, not per step
     assert len(out.images) == 4
     assert all(isinstance(image, PIL.Image.Image) and image.size == (32, 32) for image in out.images)
     assert out.user_embeds.shape == (1, 4, pipe.preference_encoder.embed_dim)
@@ -99,7 +102,7 @@ def test_plain_path_equals_diffusers_stable_cascade_pipelines(pipe):
     )  # fmt: skip
     for reference in (prior, decoder):
         reference.set_progress_bar_config(disable=True)
-    prompts, negatives = ["a red cat", "a blue dog"], ["", "blurry"]
+    prompts, negatives = ["a red cat", "a blue dog"], ["blurry", "blurry"]
     for decoder_guidance in (0.0, 2.0):
         generator = torch.Generator().manual_seed(3)
         stage_c = prior(
@@ -111,7 +114,7 @@ def test_plain_path_equals_diffusers_stable_cascade_pipelines(pipe):
             num_inference_steps=2, output_type="pt",
         ).images  # fmt: skip
         got = generate(
-            pipe, prompts, seed=3, negative_prompt=negatives, num_images_per_prompt=2,
+            pipe, prompts, seed=3, negative_prompt="blurry", num_images_per_prompt=2,
             decoder_guidance_scale=decoder_guidance,
         )  # fmt: skip
         assert torch.equal(got, expected)
@@ -312,6 +315,7 @@ BAD_INPUTS = [
     (dict(prompt=3), "`prompt` must be a string"),
     (dict(prompt=[]), "`prompt` must be a string"),
     (dict(negative_prompt=["a", "b"]), "`negative_prompt` has 2 entries for 1 prompts"),
+    (dict(negative_prompt=3), "`negative_prompt` must be a string"),
     (dict(height=0), "`height` must be a positive integer"),
     (dict(width=31.5), "`width` must be a positive integer"),
     (dict(num_inference_steps=0), "`num_inference_steps` must be a positive integer"),

@@ -235,8 +235,8 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
             raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
         batch_size = len(prompt)
-        if negative_prompt is not None:
-            negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            negatives = negative_prompt
             if not isinstance(negatives, list) or not all(isinstance(p, str) for p in negatives):
                 raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r}.")
             if len(negatives) != batch_size:
@@ -349,7 +349,8 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
                 ``e_0 + g (e_t - e_0) + g_u (e_u - e_t)``. ``None`` guides the user like the prompt (``g_u = g``),
                 which costs no extra prediction; another value adds a text-only prediction per step (1.5x the
                 Stage C cost) to push the user's taste harder (``> g``) or more gently (``< g``).
-            negative_prompt: What to guide away from (the empty prompt by default).
+            negative_prompt: What to guide away from: one string for all prompts or one per prompt (the empty
+                prompt by default).
             images: Image prompts for Stage C (needs the pipeline's CLIP image encoder).
             num_images_per_prompt: Images generated per prompt.
             decoder_num_inference_steps: Stage B denoising steps.
@@ -387,8 +388,8 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         hidden, pooled = self.encode_prompt(prompts, device, num_images_per_prompt)
         negatives = None
         if negatives_needed:
-            negative = negative_prompt if negative_prompt is not None else [""] * batch_size
-            negative = [negative] if isinstance(negative, str) else negative
+            negative = "" if negative_prompt is None else negative_prompt
+            negative = [negative] * batch_size if isinstance(negative, str) else negative
             negatives = self.encode_prompt(negative, device, num_images_per_prompt)
         if images is not None:
             clip_img = self.encode_image(images, device, rows)
