@@ -14,8 +14,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("pipeline")
     group.add_argument("--pipeline", help="a saved PersonalizedStableCascadePipeline (folder or Hub id)")
-    group.add_argument("--adapter", help="UserAdapter folder or Hub id (with the Stable Cascade repos below)")
-    group.add_argument("--encoder", help="saved preference encoder, or a LLaVA-OneVision id")
+    group.add_argument("--adapter", help="UserAdapter folder or Hub id (replaces a saved pipeline's adapter)")
+    group.add_argument("--encoder", help="saved preference encoder, or a LLaVA-OneVision id (not with --pipeline)")
     group.add_argument("--prior", default="stabilityai/stable-cascade-prior")
     group.add_argument("--prior_subfolder", default="prior", help='"prior" or "prior_lite"')
     group.add_argument("--decoder", default="stabilityai/stable-cascade")
@@ -30,10 +30,21 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
 
 
+def check_pipeline_args(parser: argparse.ArgumentParser, args: argparse.Namespace, has_user: bool) -> None:
+    if args.pipeline and args.encoder:
+        parser.error("--encoder cannot be combined with --pipeline: a saved pipeline brings its own encoder")
+    if not args.pipeline and not args.adapter and has_user:
+        parser.error("a user needs an adapter: give --adapter (and --encoder for pairs) or a saved --pipeline")
+    if args.user_guidance_scale is not None and not has_user:
+        parser.error("--user_guidance_scale guides a user: give the user too")
+
+
 def load_pipeline(args: argparse.Namespace) -> PersonalizedStableCascadePipeline:
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     if args.pipeline:
         pipe = PersonalizedStableCascadePipeline.from_pretrained(args.pipeline, torch_dtype=dtype)
+        if args.adapter:
+            pipe.load_user_adapter(args.adapter)
     else:
         pipe = PersonalizedStableCascadePipeline.from_stable_cascade(
             args.adapter,

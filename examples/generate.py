@@ -18,7 +18,7 @@ import os
 
 import safetensors.torch
 import torch
-from _pipeline_args import add_pipeline_args, generation_kwargs, load_pipeline
+from _pipeline_args import add_pipeline_args, check_pipeline_args, generation_kwargs, load_pipeline
 
 from ppd_diffusers import load_preference_pairs
 
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--output_dir", default="ppd-images")
     add_pipeline_args(parser)
     args = parser.parse_args()
+    check_pipeline_args(parser, args, has_user=bool(args.pairs or args.user_embeds))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     pipe = load_pipeline(args)

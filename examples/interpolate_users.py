@@ -14,7 +14,7 @@ import argparse
 import logging
 
 import torch
-from _pipeline_args import add_pipeline_args, generation_kwargs, load_pipeline
+from _pipeline_args import add_pipeline_args, check_pipeline_args, generation_kwargs, load_pipeline
 from diffusers.utils import make_image_grid
 
 from ppd_diffusers import load_preference_pairs
@@ -34,6 +34,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.num_weights < 2:
         parser.error("--num_weights must be at least 2")
+    check_pipeline_args(parser, args, has_user=True)
 
     pipe = load_pipeline(args)
     users = pipe.encode_user([load_preference_pairs(args.pairs_a), load_preference_pairs(args.pairs_b)])

@@ -150,21 +150,41 @@ def test_precomputed_and_interpolated_user_embeds(pipe):
     assert (halfway - from_pairs).abs().max() > 1e-4
 
 
-def test_user_guidance_scale(pipe):
+def test_user_guidance_scale(pipe, monkeypatch):
+    import ppd_diffusers.pipeline_personalized_stable_cascade as module
+    from ppd_diffusers.guidance import guidance_branches
+
     randomize_(pipe.user_adapter)
     u = pipe.encode_user(USERS[0])
     folded = generate(pipe, user_embeds=u, guidance_scale=4.0)
-    # g_u == g is classifier-free guidance with the user in the condition: the same two predictions
-    assert torch.equal(generate(pipe, user_embeds=u, guidance_scale=4.0, user_guidance_scale=4.0), folded)
+    no_cfg = generate(pipe, user_embeds=u, guidance_scale=1.0)
     # g_u = 0 removes the user's term, whatever the user: plain Stable Cascade (three predictions per step)
     torch.testing.assert_close(
         generate(pipe, user_embeds=u, guidance_scale=4.0, user_guidance_scale=0.0), generate(pipe), rtol=0, atol=1e-5
     )
     stronger = generate(pipe, user_embeds=u, guidance_scale=4.0, user_guidance_scale=8.0)
     assert (stronger - folded).abs().max() > 1e-4
-    # without text guidance: e_t + g_u (e_u - e_t), and g_u = 1 is the personalized prediction itself
-    no_cfg = generate(pipe, user_embeds=u, guidance_scale=1.0)
-    assert torch.equal(generate(pipe, user_embeds=u, guidance_scale=1.0, user_guidance_scale=1.0), no_cfg)
+    # the folded two-prediction path is the three-prediction formula at g_u = g (and at g_u = 1 without CFG)
+    monkeypatch.setattr(module, "guidance_branches", lambda *args: (True, True, guidance_branches(*args)[2]))
+    three = generate(pipe, user_embeds=u, guidance_scale=4.0, user_guidance_scale=4.0)
+    torch.testing.assert_close(three, folded, rtol=0, atol=1e-5)
+    torch.testing.assert_close(generate(pipe, user_embeds=u, guidance_scale=1.0, user_guidance_scale=1.0), no_cfg)
+    assert (no_cfg - folded).abs().max() > 1e-4
+
+
+def test_model_offload_unloads_the_encoders_before_stage_c(pipe):
+    pipe.enable_model_cpu_offload(device="cpu")
+    order = []
+    for hook in pipe._all_hooks:
+        name = next(n for n, m in pipe.components.items() if m is hook.model)
+        original = hook.offload
+        hook.offload = lambda name=name, original=original: order.append(name) or original()
+    stage_c = pipe.prior._hf_hook
+    pre_forward = stage_c.pre_forward
+    stage_c.pre_forward = lambda module, *a, **k: order.append("prior runs") or pre_forward(module, *a, **k)
+    generate(pipe, output_type="latent")  # no user: the adapter, whose hook would unload them, never runs
+    first_prior = order.index("prior runs")
+    assert {"text_encoder", "preference_encoder"} <= set(order[:first_prior])
 
 
 def test_seeds_reproduce_and_differ(pipe):

@@ -13,8 +13,9 @@ def guidance_branches(
     """Which predictions a denoising step needs: ``(personalized, text_only, unconditional)``.
 
     Text guidance is on when ``guidance_scale > 1`` (as in diffusers). Without ``user_guidance_scale`` the
-    user term is guided exactly like the text (two predictions, the cheapest); a text-only prediction is
-    added only when the user needs its own scale.
+    user term is guided exactly like the text (``g_u = g``, or ``g_u = 1`` when text guidance is off: the
+    plain personalized prediction), which needs no extra prediction; a text-only prediction is added only
+    when the user needs its own scale.
     """
     uncond = guidance_scale > 1
     if not has_user:

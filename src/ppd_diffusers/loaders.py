@@ -73,7 +73,9 @@ class PPDLoaderMixin:
         adapter.check_unet(self.prior)
         check_adapter_fits_encoder(adapter, self.preference_encoder)
         dtype = torch_dtype or self.prior.dtype
-        adapter = adapter.to(self.prior.device) if adapter.device != self.prior.device else adapter
+        # an offloaded prior sits on the CPU or the meta device: keep the adapter's weights on the CPU then
+        device = self.prior.device if self.prior.device.type != "meta" else torch.device("cpu")
+        adapter = adapter.to(device) if adapter.device != device else adapter
         adapter = (adapter.to(dtype) if adapter.dtype != dtype else adapter).eval()
         self.register_modules(user_adapter=adapter)
         self._reapply_model_offload()
@@ -142,7 +144,8 @@ class PPDLoaderMixin:
             prior_subfolder: ``"prior"`` (3.6B) or ``"prior_lite"`` (1B).
             decoder_subfolder: ``"decoder"`` or ``"decoder_lite"``.
             load_image_encoder: Also load the CLIP image encoder for image prompts (``images=``).
-            torch_dtype: dtype of every model (Stable Cascade wants bfloat16 or float32; float16 gives black images).
+            torch_dtype: dtype of every model, the encoder's unless ``preference_encoder_kwargs`` sets ``dtype``
+                (Stable Cascade wants bfloat16 or float32; float16 gives black images).
             variant: Weight file variant, e.g. ``"bf16"``; a component without that variant loads its default
                 weights (logged).
             revision: Revision of the Stage C repo.
@@ -200,7 +203,10 @@ class PPDLoaderMixin:
                 subfolder="scheduler", **decoder_repo
             )
         if preference_encoder is not None and not isinstance(preference_encoder, BasePreferenceEncoder):
-            preference_encoder = _load_encoder(os.fspath(preference_encoder), **(preference_encoder_kwargs or {}))
+            encoder_kwargs = dict(preference_encoder_kwargs or {})
+            if torch_dtype is not None:
+                encoder_kwargs.setdefault("dtype", torch_dtype)
+            preference_encoder = _load_encoder(os.fspath(preference_encoder), **encoder_kwargs)
         pipe = cls(
             **components,
             preference_encoder=preference_encoder,

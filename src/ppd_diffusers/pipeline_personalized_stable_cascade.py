@@ -132,6 +132,11 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         self.register_to_config(resolution_multiple=resolution_multiple, latent_dim_scale=latent_dim_scale)
         self._user_adapter_scale = 1.0
 
+    def _offload_models(self, *models: torch.nn.Module | None) -> None:
+        for hook in getattr(self, "_all_hooks", None) or []:
+            if any(hook.model is model for model in models if model is not None):
+                hook.offload()
+
     @property
     def num_timesteps(self) -> int:
         """Stage C denoising steps of the current call."""
@@ -162,9 +167,15 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         return self.preference_encoder.encode(preference_pairs, batch_size=batch_size)
 
     def _user_key_values(
-        self, user_embeds: torch.Tensor, scale: float | list[float], batch_size: int, per_prompt: int, groups: int
+        self,
+        user_embeds: torch.Tensor,
+        scale: float | list[float],
+        batch_size: int,
+        per_prompt: int,
+        groups: int,
+        device: torch.device,
     ) -> UserKeyValues:
-        """The user keys/values of every row of a Stage C call, computed once per call.
+        """The user keys/values of every row of a Stage C call, computed once per call, on the prior's device.
 
         Rows come in ``groups`` copies of the batch (see ``guidance_branches``); the user counts in the first
         copy only, the others get scale 0, which makes their user term exactly zero.
@@ -173,9 +184,12 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         scales = scales.expand(batch_size).repeat_interleave(per_prompt)
         user_embeds = user_embeds.expand(batch_size, -1, -1).repeat_interleave(per_prompt, dim=0)
         scales = torch.cat([scales, scales.new_zeros((groups - 1) * scales.shape[0])])
-        device = self.user_adapter.device
-        user_kv = self.user_adapter(user_embeds.repeat(groups, 1, 1).to(device), scale=scales.to(device))
-        return user_kv.to(self.prior.dtype)
+        # an offloaded adapter's hook moves it (and its inputs) to the execution device; otherwise it runs where
+        # its weights are, which may differ from the prior's device when components are spread over devices
+        runs_on = device if _is_offloaded(self.user_adapter) else self.user_adapter.device
+        user_kv = self.user_adapter(user_embeds.repeat(groups, 1, 1).to(runs_on), scale=scales.to(runs_on))
+        prior_device = device if _is_offloaded(self.prior) else self.prior.device
+        return user_kv.to(device=prior_device, dtype=self.prior.dtype)
 
     # ------------------------------------------------------------------------------------------------------
     # conditioning
@@ -346,9 +360,10 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
             num_inference_steps: Stage C denoising steps.
             guidance_scale: Classifier-free guidance of Stage C (off at ``<= 1``).
             user_guidance_scale: Guidance of the user term alone (see ``guided_prediction``):
-                ``e_0 + g (e_t - e_0) + g_u (e_u - e_t)``. ``None`` guides the user like the prompt (``g_u = g``),
-                which costs no extra prediction; another value adds a text-only prediction per step (1.5x the
-                Stage C cost) to push the user's taste harder (``> g``) or more gently (``< g``).
+                ``e_0 + g (e_t - e_0) + g_u (e_u - e_t)``. ``None`` guides the user like the prompt (``g_u = g``,
+                or ``g_u = 1`` when text guidance is off), which costs no extra prediction; another value adds a
+                text-only prediction per step (1.5x the Stage C cost with text guidance, 2x without) to push the
+                user's taste harder (``> g``) or more gently (``< g``; ``0`` ignores the user).
             negative_prompt: What to guide away from: one string for all prompts or one per prompt (the empty
                 prompt by default).
             images: Image prompts for Stage C (needs the pipeline's CLIP image encoder).
@@ -395,6 +410,9 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
             clip_img = self.encode_image(images, device, rows)
         else:
             clip_img = hidden.new_zeros(rows, 1, self.prior.config.clip_image_in_channels)
+        # with model offload, each hook only unloads the model just before it in `model_cpu_offload_seq`:
+        # unload the encoders now, whichever of them ran, so that Stage C and B have the accelerator alone
+        self._offload_models(self.preference_encoder, self.text_encoder, self.image_encoder)
 
         # rows of one Stage C call: [text+user | text | negative], as many groups as the guidance needs
         groups = [(hidden, pooled, clip_img)] * (personalized + text_only)
@@ -404,7 +422,7 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         user_kv = None
         if has_user:
             scale = self.user_adapter_scale if preference_scale is None else preference_scale
-            user_kv = self._user_key_values(user_embeds, scale, batch_size, num_images_per_prompt, len(groups))
+            user_kv = self._user_key_values(user_embeds, scale, batch_size, num_images_per_prompt, len(groups), device)
 
         latents = self._denoise_prior(
             latents, rows, height, width, conditioning, user_kv, len(groups), guidance_scale, user_guidance_scale,
@@ -544,6 +562,11 @@ def _initial_noise(
     elif tuple(latents.shape) != shape:
         raise ValueError(f"`{name}` must have shape {shape}, got {tuple(latents.shape)}.")
     return latents.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
+
+
+def _is_offloaded(module: torch.nn.Module) -> bool:
+    """Whether accelerate hooks (model or sequential CPU offload) decide where ``module`` runs."""
+    return getattr(module, "_hf_hook", None) is not None or module.device.type == "meta"
 
 
 def _onload(module: torch.nn.Module) -> None:
