@@ -93,3 +93,17 @@ def test_interpolate_users_writes_a_grid_from_user_a_to_user_b(saved_pipeline, t
             "--output_dir", str(out), *SIZE)  # fmt: skip
         alone = np.asarray(PIL.Image.open(out / "000_0.png")).astype(int)
         assert np.abs(alone - cells[column]).max() <= 1  # batch of 3 vs 1: at most a rounding step
+
+
+def test_contradictory_options_are_refused(saved_pipeline, tmp_path):
+    cases = [
+        (["--pipeline", saved_pipeline, "--user_guidance_scale", "6"], "--user_guidance_scale guides a user"),
+        (["--pipeline", saved_pipeline, "--encoder", "x", "--pairs", "p"], "--encoder cannot be combined"),
+        (["--pairs", "p"], "a user needs an adapter"),
+    ]
+    for args, message in cases:
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / "generate.py"), "--prompt", "a cat", *args],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
