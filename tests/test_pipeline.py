@@ -381,3 +381,12 @@ def test_image_prompts(stable_cascade_repos):
     images = [PIL.Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(2)]
     with_images = generate(pipe, images=images)
     assert (with_images - generate(pipe)).abs().max() > 1e-4
+
+
+def test_to_moves_and_casts_every_component(pipe):
+    randomize_(pipe.user_adapter)
+    pipe.to(torch.bfloat16)
+    for name in ("prior", "decoder", "vqgan", "text_encoder", "user_adapter", "preference_encoder"):
+        assert getattr(pipe, name).dtype == torch.bfloat16, name
+    images = generate(pipe, preference_pairs=USERS[0])
+    assert images.dtype == torch.bfloat16 and torch.isfinite(images.float()).all()
