@@ -1,0 +1,45 @@
+"""The ``ppd-diffusers`` command line: ``ppd-diffusers testbed [--quick]`` and the testbed's base-model trainer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ppd-diffusers", description="Personalized Stable Cascade (PPD) tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    testbed = commands.add_parser("testbed", help="run the synthetic-user testbed and write its report")
+    testbed.add_argument("--quick", action="store_true", help="the small configuration (minutes on a laptop CPU)")
+    testbed.add_argument("--out", default="testbed-report", help="output folder")
+    testbed.add_argument("--seed", type=int, default=0)
+    testbed.add_argument("--base_model", help="a base-model pipeline folder (default: the shipped one)")
+    base = commands.add_parser("train-testbed-base", help="train the testbed's base model from scratch")
+    base.add_argument("--output", required=True, help="pipeline folder to write")
+    base.add_argument("--steps", type=int, default=4000)
+    base.add_argument("--batch_size", type=int, default=32)
+    base.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    import torch
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.command == "testbed":
+        from .testbed.loop import TestbedConfig
+        from .testbed.run import run_testbed
+
+        config = TestbedConfig.quick(args.seed) if args.quick else TestbedConfig.full(args.seed)
+        report = run_testbed(config, args.out, base_model=args.base_model)
+        print((__import__("pathlib").Path(args.out) / "report.md").read_text())
+        logging.getLogger("ppd_diffusers").info("report written to %s (%.0f s)", args.out, report["seconds"])
+    else:
+        from .testbed.base_model import train_base_model
+
+        train_base_model(args.output, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The PPD loop of the testbed with the library's own classes.
+
+Base samples -> pairs labelled by each synthetic user's judge -> a ``CLIPPreferenceEncoder`` embedding
+from 4 of a user's pairs -> one ``UserAdapter`` trained for all training users with ``ppd_dpo_step`` ->
+generation with ``PersonalizedStableCascadePipeline``. Baselines use the same adapter class and step:
+"pooled DPO" trains it with one constant embedding on every training user's pairs (Diffusion-DPO without
+a user), a "single-reward DPO" bound trains it on one single-reward user's pairs only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from ..adapter import UserAdapter
+from ..loss import PPDLoss
+from ..training.dpo_step import ppd_dpo_step
+from .base_model import IMAGE_SIZE
+from .rewards import RewardScaler, SyntheticUser, reward_matrix
+from .shapes import prompts, to_pixels
+
+__all__ = ["PairPool", "TestbedConfig", "UserPairs", "generate", "make_pool", "train_adapter", "user_pairs"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TestbedConfig:
+    """Sizes of one testbed run (``quick()``: about 3 minutes on 2 CPU cores; ``full()``: the larger one)."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    seed: int = 0
+    pool_per_prompt: int = 16
+    sample_steps: int = 10
+    guidance_scale: float = 3.0
+    num_train_users: int = 48
+    num_heldout_users: int = 12
+    profile_pairs: int = 4
+    train_pairs_per_user: int = 24
+    dpo_steps: int = 200
+    pooled_steps: int = 40  # the pooled (user-less) DPO baseline
+    bound_steps: int = 0  # each single-reward DPO bound; 0 skips them (the quick mode)
+    pairs_per_step: int = 16
+    learning_rate: float = 1e-3
+    beta: float = 500.0
+    user_dropout: float = 0.1
+    eval_per_prompt: int = 2
+    eval_train_users: int = 4  # random training users evaluated besides the single-reward ones
+    probe_users: int = 48
+    probe_draws: int = 4
+    interpolation_weights: int = 5
+    prompts: list[str] = field(default_factory=prompts)
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> TestbedConfig:
+        return cls(seed=seed)
+
+    @classmethod
+    def full(cls, seed: int = 0) -> TestbedConfig:
+        return cls(
+            seed=seed, pool_per_prompt=32, sample_steps=16, num_train_users=96, num_heldout_users=24,
+            train_pairs_per_user=48, dpo_steps=600, pooled_steps=150, bound_steps=150, eval_per_prompt=4,
+            eval_train_users=12, probe_users=96,
+        )  # fmt: skip
+
+
+def generate(
+    pipe, prompt_list: list[str], seeds: list[int], config: TestbedConfig, user_embeds: torch.Tensor | None = None,
+    batch_size: int = 96,
+) -> torch.Tensor:  # fmt: skip
+    """Latents of one sample per prompt (seeded per sample, so a sample does not depend on its batch)."""
+    out = []
+    for start in range(0, len(prompt_list), batch_size):
+        chunk = slice(start, start + batch_size)
+        users = {} if user_embeds is None else {"user_embeds": user_embeds[chunk]}
+        out.append(
+            pipe(
+                prompt_list[chunk],
+                height=IMAGE_SIZE,
+                width=IMAGE_SIZE,
+                num_inference_steps=config.sample_steps,
+                guidance_scale=config.guidance_scale,
+                generator=[torch.Generator().manual_seed(s) for s in seeds[chunk]],
+                output_type="latent",
+                **users,
+            ).images
+        )
+    return torch.cat(out)
+
+
+@dataclass
+class PairPool:
+    """Base samples grouped by prompt, with their standardized rewards."""
+
+    latents: torch.Tensor  # (prompts * per_prompt, 3, 16, 16)
+    prompt_index: np.ndarray  # prompt of each sample
+    standardized: torch.Tensor  # (samples, rewards)
+    scaler: RewardScaler
+
+    def images(self, index) -> list[PIL.Image.Image]:
+        pixels = to_pixels(self.latents[index]).permute(0, 2, 3, 1).numpy()
+        return [PIL.Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+def make_pool(pipe, config: TestbedConfig) -> PairPool:
+    """Samples ``pool_per_prompt`` base images per prompt and fits the reward scaler on them."""
+    prompt_index = np.repeat(np.arange(len(config.prompts)), config.pool_per_prompt)
+    seeds = [config.seed * 1_000_003 + i for i in range(len(prompt_index))]
+    latents = generate(pipe, [config.prompts[i] for i in prompt_index], seeds, config)
+    raw = reward_matrix(to_pixels(latents))
+    scaler = RewardScaler.fit(raw)
+    return PairPool(latents, prompt_index, scaler(raw), scaler)
+
+
+@dataclass
+class UserPairs:
+    """A user's labelled pairs: indices into the pool, preferred first."""
+
+    user: SyntheticUser
+    chosen: np.ndarray
+    rejected: np.ndarray
+
+    def split(self, profile: int) -> tuple[UserPairs, UserPairs]:
+        """The first ``profile`` pairs (shown to the encoder) and the rest (training)."""
+        head, tail = slice(0, profile), slice(profile, None)
+        return (
+            UserPairs(self.user, self.chosen[head], self.rejected[head]),
+            UserPairs(self.user, self.chosen[tail], self.rejected[tail]),
+        )
+
+
+def user_pairs(pool: PairPool, user: SyntheticUser, count: int, rng: np.random.Generator) -> UserPairs:
+    """``count`` random same-prompt pairs from the pool, labelled by the user's judge."""
+    per_prompt = np.bincount(pool.prompt_index)
+    prompt = rng.integers(0, len(per_prompt), count)
+    starts = np.concatenate([[0], np.cumsum(per_prompt)[:-1]])[prompt]
+    a = starts + rng.integers(0, per_prompt[prompt])
+    b = starts + (a - starts + rng.integers(1, per_prompt[prompt])) % per_prompt[prompt]
+    first = user.prefers_first(pool.standardized[a], pool.standardized[b]).numpy()
+    return UserPairs(user, np.where(first, a, b), np.where(first, b, a))
+
+
+def train_adapter(
+    pipe,
+    pool: PairPool,
+    training: list[UserPairs],
+    user_embeds: torch.Tensor,
+    embed_dim: int,
+    config: TestbedConfig,
+    desc: str,
+    steps: int | None = None,
+) -> UserAdapter:
+    """One ``UserAdapter`` trained with ``ppd_dpo_step`` on the pairs of all given users.
+
+    ``user_embeds`` holds one embedding per entry of ``training`` (a constant one gives user-less DPO).
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    adapter = UserAdapter.from_unet(pipe.prior, user_embed_dim=embed_dim, num_user_tokens=2, user_token_dim=32)
+    model = adapter.attach(pipe.prior)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    loss_fn = PPDLoss(beta=config.beta)
+    owner = np.concatenate([np.full(len(p.chosen), u) for u, p in enumerate(training)])
+    chosen = np.concatenate([p.chosen for p in training])
+    rejected = np.concatenate([p.rejected for p in training])
+    with torch.no_grad():
+        hidden, pooled = pipe.encode_prompt(config.prompts, pipe.prior.device)
+    rng = np.random.default_rng(config.seed)
+    for _ in (bar := tqdm(range(steps or config.dpo_steps), desc=desc, leave=False)):
+        batch = rng.integers(0, len(chosen), config.pairs_per_step)
+        prompt = pool.prompt_index[chosen[batch]]
+        out = ppd_dpo_step(
+            model,
+            pool.latents[chosen[batch]],
+            pool.latents[rejected[batch]],
+            pooled[prompt],
+            user_embeds[owner[batch]],
+            clip_text=hidden[prompt],
+            loss_fn=loss_fn,
+            user_dropout=config.user_dropout,
+            generator=generator,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{out.loss.item():.3f}", acc=f"{out.implicit_accuracy.item():.2f}")
+    return adapter.eval()

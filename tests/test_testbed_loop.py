@@ -1,0 +1,70 @@
+"""Each link of the testbed's loop on its own: pair labels, the probe, win rates, bootstrap, plots."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ppd_diffusers.testbed.evaluate import bootstrap_ci, identification_probe, win_rates
+from ppd_diffusers.testbed.loop import PairPool, user_pairs
+from ppd_diffusers.testbed.report import line_plot
+from ppd_diffusers.testbed.rewards import RewardScaler, SyntheticUser, random_users
+
+
+def fake_pool(prompts: int = 3, per_prompt: int = 5, seed: int = 0) -> PairPool:
+    g = torch.Generator().manual_seed(seed)
+    standardized = torch.randn(prompts * per_prompt, 4, generator=g)
+    return PairPool(
+        latents=torch.randn(prompts * per_prompt, 3, 16, 16, generator=g),
+        prompt_index=np.repeat(np.arange(prompts), per_prompt),
+        standardized=standardized,
+        scaler=RewardScaler(torch.zeros(4), torch.ones(4)),
+    )
+
+
+def test_user_pairs_are_same_prompt_distinct_and_labelled_by_the_judge():
+    pool = fake_pool()
+    for user in random_users(5, np.random.default_rng(0)):
+        pairs = user_pairs(pool, user, 200, np.random.default_rng(1))
+        assert np.all(pool.prompt_index[pairs.chosen] == pool.prompt_index[pairs.rejected])
+        assert np.all(pairs.chosen != pairs.rejected)
+        assert torch.all(user.score(pool.standardized[pairs.chosen]) > user.score(pool.standardized[pairs.rejected]))
+        profile, training = pairs.split(4)
+        assert len(profile.chosen) == 4 and len(training.chosen) == 196
+        assert np.array_equal(np.concatenate([profile.chosen, training.chosen]), pairs.chosen)
+
+
+def test_opposite_users_label_every_pair_the_other_way():
+    pool = fake_pool()
+    bright, dark = SyntheticUser("bright", (1.0, 0, 0, 0)), SyntheticUser("dark", (-1.0, 0, 0, 0))
+    a = user_pairs(pool, bright, 50, np.random.default_rng(3))
+    b = user_pairs(pool, dark, 50, np.random.default_rng(3))
+    assert np.array_equal(a.chosen, b.rejected) and np.array_equal(a.rejected, b.chosen)
+
+
+def test_identification_probe_separable_and_random_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 8, generator=g) * 5
+    separable = (centres[:, None] + 0.1 * torch.randn(10, 4, 8, generator=g)).reshape(40, 8)
+    result = identification_probe(separable, draws=4)
+    assert result["top1"] == 1.0 and result["chance_top1"] == 0.1 and result["users"] == 10
+    noise = identification_probe(torch.randn(40, 8, generator=g), draws=4)
+    assert noise["top1"] <= 0.5
+
+
+def test_win_rates_and_bootstrap():
+    user = SyntheticUser("bright", (1.0, 0, 0, 0))
+    base = torch.zeros(1, 4, 4)
+    mine = torch.zeros(1, 4, 4)
+    mine[0, :3, 0] = 1  # 3 of 4 samples brighter, one tie
+    assert win_rates([user], mine, base)[0] == (3 + 0.5) / 4
+    low, high = bootstrap_ci(np.array([0.5, 0.6, 0.7, 0.8]), np.random.default_rng(0))
+    assert 0.5 <= low <= 0.65 <= high <= 0.8
+
+
+def test_line_plot_draws_each_series():
+    image = line_plot([0, 0.5, 1], {"a": [0, 1, 2], "b": [2, 1, 0]}, "title")
+    pixels = np.asarray(image)
+    assert image.size == (480, 320)
+    for color in ((214, 39, 40), (31, 119, 180)):
+        assert (pixels == color).all(-1).sum() > 50
