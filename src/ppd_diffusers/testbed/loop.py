@@ -39,6 +39,7 @@ class TestbedConfig:
     pool_per_prompt: int = 16
     sample_steps: int = 10
     guidance_scale: float = 3.0
+    user_guidance_scale: float | None = None  # None: the user is guided with the prompt (see guided_prediction)
     num_train_users: int = 48
     num_heldout_users: int = 12
     profile_pairs: int = 4
@@ -78,7 +79,9 @@ def generate(
     out = []
     for start in range(0, len(prompt_list), batch_size):
         chunk = slice(start, start + batch_size)
-        users = {} if user_embeds is None else {"user_embeds": user_embeds[chunk]}
+        users = {}
+        if user_embeds is not None:
+            users = {"user_embeds": user_embeds[chunk], "user_guidance_scale": config.user_guidance_scale}
         out.append(
             pipe(
                 prompt_list[chunk],
