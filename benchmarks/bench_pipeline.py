@@ -19,8 +19,8 @@ from functools import partial
 
 import torch
 from _measure import hardware, interleaved_median
+from bench_core import CONFIGS as CORE_CONFIGS
 from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from ppd_diffusers import PaellaVQModel, PersonalizedStableCascadePipeline, UserAdapter
 from ppd_diffusers.testing_utils import (
@@ -28,9 +28,9 @@ from ppd_diffusers.testing_utils import (
     STAGE_B_DECODER,
     STAGE_C_PRIOR,
     STAGE_C_PRIOR_LITE,
+    clip_text_encoder,
     clip_text_tokenizer,
     tiny_stage_b_config,
-    tiny_stage_c_config,
 )
 
 # CLIP ViT-bigG/14 text tower, as in the Stable Cascade repos
@@ -39,17 +39,13 @@ SETUPS = {
     "stage_c": dict(prior=STAGE_C_PRIOR, decoder=STAGE_B_DECODER, vq=PAELLA_VQ, text=CLIP_G_TEXT, size=1024),
     "lite": dict(prior=STAGE_C_PRIOR_LITE, decoder=STAGE_B_DECODER, vq=PAELLA_VQ, text=CLIP_G_TEXT, size=1024),
     "tiny": dict(
-        prior=tiny_stage_c_config(
-            block_out_channels=(64, 64), num_attention_heads=(4, 4), conditioning_dim=64,
-            down_num_layers_per_block=(2, 4), up_num_layers_per_block=(4, 2), clip_text_in_channels=32,
-            clip_text_pooled_in_channels=32, clip_image_in_channels=32,
-        ),
-        decoder=tiny_stage_b_config(clip_text_pooled_in_channels=32),
+        prior=CORE_CONFIGS["tiny"],  # the tiny Stage C of bench_core.py
+        decoder=tiny_stage_b_config(clip_text_pooled_in_channels=32, effnet_in_channels=16),
         vq=dict(PAELLA_VQ, bottleneck_blocks=1, embed_dim=32, num_vq_embeddings=64),
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
         size=256,
     ),
-}  # fmt: skip
+}
 USER_TOKENS, USER_WIDTH = 16, {"tiny": 32}  # 16 embedding tokens x 4 = 64 user tokens per user
 
 
@@ -57,11 +53,9 @@ def build(name: str, device: str, dtype: torch.dtype) -> tuple[PersonalizedStabl
     setup = SETUPS[name]
     torch.manual_seed(0)
     tokenizer = clip_text_tokenizer()
-    pooled_width = setup["prior"]["clip_text_pooled_in_channels"]
-    text = CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=pooled_width,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, **setup["text"],
-    )  # fmt: skip
+    text_encoder = clip_text_encoder(
+        tokenizer, projection_dim=setup["prior"]["clip_text_pooled_in_channels"], **setup["text"]
+    )
     prior = StableCascadeUNet(**setup["prior"])
     user_width = USER_WIDTH.get(name, 896)
     adapter = UserAdapter.from_unet(prior, user_width, num_user_tokens=4, user_token_dim=min(768, 4 * user_width))
@@ -71,7 +65,7 @@ def build(name: str, device: str, dtype: torch.dtype) -> tuple[PersonalizedStabl
     small = name == "tiny"
     pipe = PersonalizedStableCascadePipeline(
         prior=prior,
-        text_encoder=CLIPTextModelWithProjection(text),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=DDPMWuerstchenScheduler(),
         user_adapter=adapter,

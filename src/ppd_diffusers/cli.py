@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
 
         config = TestbedConfig.quick(args.seed) if args.quick else TestbedConfig.full(args.seed)
         report = run_testbed(config, args.out, base_model=args.base_model)
-        print((__import__("pathlib").Path(args.out) / "report.md").read_text())
+        print((Path(args.out) / "report.md").read_text())  # the command's output is the report
         logging.getLogger("ppd_diffusers").info("report written to %s (%.0f s)", args.out, report["seconds"])
     else:
         from .testbed.base_model import train_base_model

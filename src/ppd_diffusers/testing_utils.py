@@ -20,6 +20,8 @@ __all__ = [
     "STAGE_C_PRIOR",
     "STAGE_C_PRIOR_LITE",
     "TINY_LLAVA_ONEVISION",
+    "clip_text_encoder",
+    "clip_text_tokenizer",
     "save_random_clip",
     "save_random_llava_onevision",
     "save_tiny_stable_cascade",
@@ -282,6 +284,31 @@ def clip_text_tokenizer(model_max_length: int = 77) -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
+def clip_text_encoder(tokenizer: Any, hidden_size: int, projection_dim: int, **sizes: int) -> Any:
+    """A random ``CLIPTextModelWithProjection`` for ``tokenizer`` (as many positions as it pads to).
+
+    Args:
+        tokenizer: A tokenizer from ``clip_text_tokenizer`` (BOS 0, EOS and padding 1).
+        hidden_size: Width of the text tower (the ``clip_text_in_channels`` of a matching Stage C).
+        projection_dim: Width of the pooled embedding (its ``clip_text_pooled_in_channels``).
+        **sizes: Overrides of ``intermediate_size`` (2 x hidden), ``num_hidden_layers`` and ``num_attention_heads``
+            (2 each).
+    """
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_size=hidden_size,
+        projection_dim=projection_dim,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **{"intermediate_size": 2 * hidden_size, "num_hidden_layers": 2, "num_attention_heads": 2, **sizes},
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
 def save_tiny_stable_cascade(
     prior_path: str | os.PathLike,
     decoder_path: str | os.PathLike | None = None,
@@ -304,12 +331,7 @@ def save_tiny_stable_cascade(
             the Hub repos ship both.
     """
     from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     def save_unet(unet: StableCascadeUNet, path: str) -> None:
@@ -319,16 +341,14 @@ def save_tiny_stable_cascade(
 
     torch.manual_seed(seed)
     tokenizer = clip_text_tokenizer()
-    text = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )  # fmt: skip
     vision = CLIPVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
         projection_dim=16,
     )  # fmt: skip
     save_unet(StableCascadeUNet(**tiny_stage_c_config()), os.path.join(prior_path, "prior"))
-    CLIPTextModelWithProjection(text).save_pretrained(os.path.join(prior_path, "text_encoder"))
+    clip_text_encoder(tokenizer, hidden_size=16, projection_dim=16).save_pretrained(
+        os.path.join(prior_path, "text_encoder")
+    )
     tokenizer.save_pretrained(os.path.join(prior_path, "tokenizer"))
     DDPMWuerstchenScheduler().save_pretrained(os.path.join(prior_path, "scheduler"))
     CLIPVisionModelWithProjection(vision).save_pretrained(os.path.join(prior_path, "image_encoder"))

@@ -51,18 +51,11 @@ def base_unet_config() -> dict:
 
 
 def _text_encoder(seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from ..testing_utils import clip_text_tokenizer
+    from ..testing_utils import clip_text_encoder, clip_text_tokenizer
 
     tokenizer = clip_text_tokenizer(model_max_length=MAX_TOKENS)
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=TEXT_WIDTH, bos_token_id=0,
-        eos_token_id=1, pad_token_id=1,
-    )  # fmt: skip
-    return CLIPTextModelWithProjection(config).eval(), tokenizer
+    return clip_text_encoder(tokenizer, hidden_size=TEXT_WIDTH, projection_dim=TEXT_WIDTH), tokenizer
 
 
 def train_base_model(

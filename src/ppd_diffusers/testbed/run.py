@@ -68,7 +68,7 @@ def run_testbed(config: TestbedConfig, out_dir: str | os.PathLike, base_model: s
                            encoder.embed_dim, config, "pooled DPO", config.pooled_steps)  # fmt: skip
     bounds = [  # skipped when `bound_steps` is 0 (the quick mode)
         train_adapter(pipe, pool, [train_pairs[k]], constant, embed_dim, config, f"{u.name} DPO", config.bound_steps)
-        for k, u in enumerate(singles[: 4 if config.bound_steps > 0 else 0])
+        for k, u in enumerate(singles if config.bound_steps > 0 else [])
     ]
 
     logger.info("Evaluating")
