@@ -54,10 +54,17 @@ def test_rewards_hand_values():
     assert brightness(white).item() == pytest.approx(1.0) and brightness(black).item() == 0
     assert brightness(red).item() == pytest.approx(0.299)
     assert saturation(red).item() == pytest.approx(1.0) and saturation(white).item() == 0
+    # chroma, not HSV saturation: a near-black pixel with a tiny tint is nearly grey, not fully saturated
+    assert saturation(torch.tensor([0.02, 0.0, 0.0]).view(1, 3, 1, 1)).item() == pytest.approx(0.02)
+    assert saturation(torch.tensor([0.75, 0.5, 0.25]).view(1, 3, 1, 1)).item() == pytest.approx(0.5)
     assert warmth(red).item() == pytest.approx(1.0) and warmth(red.flip(1)).item() == pytest.approx(-1.0)
     centred = torch.from_numpy(render(scene(), 32))[None]
     corner = torch.from_numpy(render(scene(center=(0.25, 0.25), radius=0.15), 32))[None]
     assert centring(centred).item() > 0.95 and centring(corner).item() < 0.4
+    assert centring(white).item() == 0  # no object, no centre
+    faint = centred.clone()
+    faint[..., :, :4] += 0.05  # a faint background gradient does not move the object's centre
+    assert centring(faint).item() == pytest.approx(centring(centred).item())
     assert reward_matrix(torch.cat([white, red])).shape == (2, len(REWARDS))
 
 

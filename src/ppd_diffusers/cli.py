@@ -1,4 +1,5 @@
-"""The ``ppd-diffusers`` command line: ``ppd-diffusers testbed [--quick]`` and the testbed's base-model trainer."""
+"""The ``ppd-diffusers`` command line: ``ppd-diffusers testbed [--quick]`` and the trainers of the testbed's
+shipped models (``train-testbed-base``, ``train-testbed-encoder``)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,18 @@ def main(argv: list[str] | None = None) -> None:
     testbed.add_argument("--out", default="testbed-report", help="output folder")
     testbed.add_argument("--seed", type=int, default=0)
     testbed.add_argument("--base_model", help="a base-model pipeline folder (default: the shipped one)")
+    testbed.add_argument("--encoder", help="a CLIP checkpoint folder for the preference encoder (default: shipped)")
     base = commands.add_parser("train-testbed-base", help="train the testbed's base model from scratch")
     base.add_argument("--output", required=True, help="pipeline folder to write")
     base.add_argument("--steps", type=int, default=4000)
     base.add_argument("--batch_size", type=int, default=32)
     base.add_argument("--seed", type=int, default=0)
+    encoder = commands.add_parser("train-testbed-encoder", help="train the testbed's tiny CLIP preference encoder")
+    encoder.add_argument("--output", required=True, help="checkpoint folder to write")
+    encoder.add_argument("--steps", type=int, default=1500)
+    encoder.add_argument("--batch_size", type=int, default=256)
+    encoder.add_argument("--num_scenes", type=int, default=20_000)
+    encoder.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -33,13 +41,19 @@ def main(argv: list[str] | None = None) -> None:
         from .testbed.run import run_testbed
 
         config = TestbedConfig.quick(args.seed) if args.quick else TestbedConfig.full(args.seed)
-        report = run_testbed(config, args.out, base_model=args.base_model)
+        report = run_testbed(config, args.out, base_model=args.base_model, encoder=args.encoder)
         print((Path(args.out) / "report.md").read_text())  # the command's output is the report
         logging.getLogger("ppd_diffusers").info("report written to %s (%.0f s)", args.out, report["seconds"])
-    else:
+    elif args.command == "train-testbed-base":
         from .testbed.base_model import train_base_model
 
         train_base_model(args.output, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    else:
+        from .testbed.encoder import train_testbed_encoder
+
+        train_testbed_encoder(
+            args.output, steps=args.steps, batch_size=args.batch_size, num_scenes=args.num_scenes, seed=args.seed
+        )
 
 
 if __name__ == "__main__":

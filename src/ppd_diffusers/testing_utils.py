@@ -25,6 +25,7 @@ __all__ = [
     "save_random_clip",
     "save_random_llava_onevision",
     "save_tiny_stable_cascade",
+    "tiny_clip",
     "tiny_stage_b_config",
     "tiny_stage_c_config",
 ]
@@ -232,8 +233,16 @@ def save_random_llava_onevision(
     processor.save_pretrained(path)
 
 
-def save_random_clip(path: str | os.PathLike, seed: int = 0) -> None:
-    """A tiny random CLIP checkpoint whose tokenizer adds BOS/EOS as CLIP's does (its pooling reads the EOS)."""
+def tiny_clip(
+    seed: int = 0,
+    hidden_size: int = 32,
+    projection_dim: int = 24,
+    num_hidden_layers: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+) -> tuple[Any, Any, Any]:
+    """A tiny random ``CLIPModel`` with a byte-level tokenizer that adds BOS/EOS as CLIP's does (its pooling
+    reads the EOS) and a PIL image processor; returns ``(model, tokenizer, image_processor)``."""
     from tokenizers import processors
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -249,26 +258,29 @@ def save_random_clip(path: str | os.PathLike, seed: int = 0) -> None:
         pad_token=specials[1],
         model_max_length=77,
     )
+    tower = {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": 2,
+    }
     text = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, **tower
     )
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, **tower)
     torch.manual_seed(seed)
-    CLIPModel(
-        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=24)
-    ).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    model = CLIPModel(
+        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim)
+    )
+    size = {"shortest_edge": image_size}
+    image_processor = CLIPImageProcessorPil(size=size, crop_size={"height": image_size, "width": image_size})
+    return model, tokenizer, image_processor
+
+
+def save_random_clip(path: str | os.PathLike, seed: int = 0) -> None:
+    """Saves ``tiny_clip(seed)`` (model, tokenizer and image processor) to ``path``."""
+    for part in tiny_clip(seed):
+        part.save_pretrained(path)
 
 
 def clip_text_tokenizer(model_max_length: int = 77) -> Any:

@@ -2,3 +2,25 @@
 
 Run it with ``ppd-diffusers testbed --quick``; see ``docs/guides/testbed.md``.
 """
+
+from .base_model import load_base_pipeline, train_base_model
+from .encoder import describe, train_testbed_encoder
+from .loop import TestbedConfig
+from .rewards import REWARDS, RewardScaler, SyntheticUser, random_users, single_reward_users
+from .run import run_testbed
+from .scheduler import ClippedDDPMWuerstchenScheduler
+
+__all__ = [
+    "REWARDS",
+    "ClippedDDPMWuerstchenScheduler",
+    "RewardScaler",
+    "SyntheticUser",
+    "TestbedConfig",
+    "describe",
+    "load_base_pipeline",
+    "random_users",
+    "run_testbed",
+    "single_reward_users",
+    "train_base_model",
+    "train_testbed_encoder",
+]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from tqdm.auto import tqdm
 
 from ..noise import add_noise, alphas_cumprod
 from .shapes import prompts, random_scenes, render
+
+if TYPE_CHECKING:
+    from ..pipeline_personalized_stable_cascade import PersonalizedStableCascadePipeline
 
 __all__ = ["BASE_MODEL_DIR", "IMAGE_SIZE", "base_unet_config", "load_base_pipeline", "train_base_model"]
 
@@ -66,7 +70,7 @@ def train_base_model(
     max_weight: float = 10.0,
     prompt_dropout: float = 0.1,
     seed: int = 0,
-):
+) -> PersonalizedStableCascadePipeline:
     """Trains the base model on freshly drawn scenes and saves it as a prior-only pipeline.
 
     The loss is the Stage C eps-prediction MSE weighted by ``min((1 - abar) / abar, max_weight)``, i.e. an
@@ -130,8 +134,13 @@ def train_base_model(
 
 
 def load_base_pipeline(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-    """The trained base model as a prior-only ``PersonalizedStableCascadePipeline`` (shipped weights by default)."""
+    """The trained base model as a prior-only ``PersonalizedStableCascadePipeline`` (shipped weights by default).
+
+    Its scheduler is swapped for ``ClippedDDPMWuerstchenScheduler`` (``from_config``, as one swaps any
+    diffusers scheduler): the plain one lets about half of the pixels overshoot [-1, 1].
+    """
     from ..pipeline_personalized_stable_cascade import PersonalizedStableCascadePipeline
+    from .scheduler import ClippedDDPMWuerstchenScheduler
 
     path = BASE_MODEL_DIR if path is None else Path(path)
     if not (Path(path) / "model_index.json").is_file():
@@ -139,5 +148,6 @@ def load_base_pipeline(path: str | os.PathLike | None = None, device: str | torc
             f"No base model at {path}: train one with `ppd-diffusers train-testbed-base --output {path}`."
         )
     pipe = PersonalizedStableCascadePipeline.from_pretrained(path).to(device)
+    pipe.scheduler = ClippedDDPMWuerstchenScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe

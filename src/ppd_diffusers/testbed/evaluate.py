@@ -17,6 +17,7 @@ __all__ = [
     "encode_profiles",
     "identification_probe",
     "object_hue",
+    "sample_users",
     "standardized_rewards",
     "win_rates",
 ]
@@ -32,18 +33,23 @@ def encode_profiles(encoder, pool: PairPool, profiles: list[UserPairs], config: 
     return encoder.encode(users, batch_size=64)
 
 
-def standardized_rewards(
-    pipe, pool: PairPool, config: TestbedConfig, user_embeds: torch.Tensor | None, salt: int = 0
-) -> torch.Tensor:
-    """Standardized rewards ``(users or 1, prompts * eval_per_prompt, rewards)`` of images generated for each
-    user (or the plain pipeline when ``user_embeds`` is None), with the same seeds for every user."""
-    per_user = [p for p in config.prompts for _ in range(config.eval_per_prompt)]
-    seeds = [10_000_019 * (config.seed + 1) + salt + i for i in range(len(per_user))]
+def sample_users(pipe, config: TestbedConfig, user_embeds: torch.Tensor | None, salt: int = 0) -> torch.Tensor:
+    """Latents ``(users or 1, eval_samples_per_user, 3, H, W)`` generated for each user (or by the plain
+    pipeline when ``user_embeds`` is None), with the same prompts and seeds for every user."""
+    samples, prompt_count = config.eval_samples_per_user, len(config.prompts)
+    per_user = [config.prompts[i * prompt_count // samples] for i in range(samples)]
+    seeds = [10_000_019 * (config.seed + 1) + salt + i for i in range(samples)]
     count = 1 if user_embeds is None else user_embeds.shape[0]
     prompt_list, seed_list = per_user * count, seeds * count
     rows = None if user_embeds is None else user_embeds.repeat_interleave(len(per_user), dim=0)
     latents = generate(pipe, prompt_list, seed_list, config, user_embeds=rows)
-    return pool.scaler(reward_matrix(to_pixels(latents))).view(count, len(per_user), -1)
+    return latents.view(count, len(per_user), *latents.shape[1:])
+
+
+def standardized_rewards(pool: PairPool, latents: torch.Tensor) -> torch.Tensor:
+    """Rewards of ``sample_users`` latents, standardized like the pool's: ``(users, samples, rewards)``."""
+    flat = reward_matrix(to_pixels(latents.flatten(0, 1)))
+    return pool.scaler(flat).view(*latents.shape[:2], -1)
 
 
 def win_rates(users: list[SyntheticUser], personalized: torch.Tensor, base: torch.Tensor) -> np.ndarray:

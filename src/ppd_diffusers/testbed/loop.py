@@ -31,28 +31,40 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TestbedConfig:
-    """Sizes of one testbed run (``quick()``: about 3 minutes on 2 CPU cores; ``full()``: the larger one)."""
+    """Sizes and hyperparameters of one testbed run.
+
+    ``quick()`` is the README's configuration (about 2.5 minutes on 2 CPU cores); ``full()`` has more
+    users, pairs, steps and evaluation images and runs the single-reward DPO bounds (sized for about 15
+    minutes). Every field can be changed with ``dataclasses.replace``; the comments beside the fields say
+    why the defaults are what they are (see also docs/guides/testbed.md).
+
+    Examples:
+        >>> from dataclasses import replace
+        >>> replace(TestbedConfig.quick(seed=3), dpo_steps=400).dpo_steps
+        400
+    """
 
     __test__ = False  # not a pytest test class, whatever its name
 
     seed: int = 0
     pool_per_prompt: int = 16
-    sample_steps: int = 10
+    sample_steps: int = 6
     guidance_scale: float = 3.0
-    user_guidance_scale: float | None = None  # None: the user is guided with the prompt (see guided_prediction)
-    num_train_users: int = 48
-    num_heldout_users: int = 12
+    user_guidance_scale: float | None = 1.0  # None: the user is guided with the prompt (see guided_prediction)
+    num_train_users: int = 192  # many users, few pairs each: the adapter must generalize across embeddings
+    num_heldout_users: int = 32
     profile_pairs: int = 4
-    train_pairs_per_user: int = 24
+    train_pairs_per_user: int = 8
     dpo_steps: int = 200
-    pooled_steps: int = 40  # the pooled (user-less) DPO baseline
+    pooled_steps: int = 24  # the pooled (user-less) DPO baseline
     bound_steps: int = 0  # each single-reward DPO bound; 0 skips them (the quick mode)
     pairs_per_step: int = 16
     learning_rate: float = 1e-3
     beta: float = 500.0
     user_dropout: float = 0.1
-    eval_per_prompt: int = 2
-    eval_train_users: int = 4  # random training users evaluated besides the single-reward ones
+    timestep_weighting: str = "min_snr"  # damps the low-noise steps, where pairs differ only in noise-like detail
+    eval_samples_per_user: int = 6  # spread evenly over the prompts; many users, few images: the CI is over users
+    eval_train_users: int = 28  # random training users evaluated besides the single-reward ones
     probe_users: int = 48
     probe_draws: int = 4
     interpolation_weights: int = 5
@@ -65,9 +77,9 @@ class TestbedConfig:
     @classmethod
     def full(cls, seed: int = 0) -> TestbedConfig:
         return cls(
-            seed=seed, pool_per_prompt=32, sample_steps=16, num_train_users=96, num_heldout_users=24,
-            train_pairs_per_user=48, dpo_steps=600, pooled_steps=150, bound_steps=150, eval_per_prompt=4,
-            eval_train_users=12, probe_users=96,
+            seed=seed, pool_per_prompt=32, sample_steps=12, num_train_users=384, num_heldout_users=48,
+            train_pairs_per_user=16, dpo_steps=600, pooled_steps=150, bound_steps=150,
+            eval_samples_per_user=24, eval_train_users=28, probe_users=96,
         )  # fmt: skip
 
 
@@ -187,6 +199,7 @@ def train_adapter(
             clip_text=hidden[prompt],
             loss_fn=loss_fn,
             user_dropout=config.user_dropout,
+            timestep_weighting=config.timestep_weighting,
             generator=generator,
         )
         optimizer.zero_grad(set_to_none=True)

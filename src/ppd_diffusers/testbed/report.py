@@ -10,7 +10,6 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-from .loop import generate
 from .shapes import to_pixels
 
 __all__ = ["line_plot", "write_report"]
@@ -53,8 +52,10 @@ def _grid(latents: torch.Tensor, rows: int, scale: int = 4) -> PIL.Image.Image:
     return PIL.Image.fromarray(grid).resize((cols * w * scale, rows * h * scale), PIL.Image.NEAREST)
 
 
-def write_report(report: dict, out: Path, *, pipe, pool, config, singles, ppd, embeds) -> None:
-    """Writes the JSON, the markdown tables and the figures (interpolation curve, image grids per user)."""
+def write_report(report: dict, out: Path, grids: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Writes the JSON, the markdown tables and the figures: the interpolation curve, and for each
+    ``grids`` entry ``name: (base latents, personalized latents)`` an image grid ``samples_<name>.png``
+    (base samples on top, the same seeds for that user below)."""
     (out / "report.json").write_text(json.dumps(report, indent=2))
     interpolation = report["interpolation"]
     line_plot(
@@ -62,16 +63,8 @@ def write_report(report: dict, out: Path, *, pipe, pool, config, singles, ppd, e
         interpolation["rewards"],
         f"rewards from user '{interpolation['users'][0]}' (0) to '{interpolation['users'][1]}' (1)",
     ).save(out / "interpolation.png")
-    # one grid per single-reward user: base samples on top, the same seeds for that user below
-    prompt_list = config.prompts[:12]
-    seeds = [424242 + i for i in range(len(prompt_list))]
-    pipe.unload_user_adapter()
-    base = generate(pipe, prompt_list, seeds, config)
-    pipe.load_user_adapter(ppd)
-    for k, user in enumerate(singles):
-        mine = generate(pipe, prompt_list, seeds, config, user_embeds=embeds[k : k + 1].expand(len(seeds), -1, -1))
-        _grid(torch.cat([base, mine]), rows=2).save(out / f"samples_{user.name}.png")
-    pipe.unload_user_adapter()
+    for name, (base, mine) in grids.items():
+        _grid(torch.cat([base, mine]), rows=2).save(out / f"samples_{name}.png")
     (out / "report.md").write_text(markdown(report))
 
 
@@ -94,13 +87,16 @@ def markdown(report: dict) -> str:
         )
     heldout, train = report["heldout_users"], report["train_users"]
     low, high = heldout["win_rate_ci95"]
+    train_low, train_high = train["win_rate_ci95"]
     probe = report["identification_probe"]
     encoder, oracle = probe["encoder"], probe["oracle_reward_differences"]
     lines += [
         "",
-        f"- Training users: PPD beats the base under their own judge in {train['win_rate_mean']:.0%} of paired "
-        f"samples (mean own-reward gain {train['own_reward_gain_mean']:+.2f}).",
-        f"- Held-out users, from 4 pairs only: win rate {heldout['win_rate_mean']:.0%} against the base "
+        f"- Training users ({len(train['win_rates'])} evaluated): PPD beats the base under their own judge in "
+        f"{train['win_rate_mean']:.0%} of paired samples (95 % CI over users {train_low:.0%}–{train_high:.0%}; "
+        f"mean own-reward gain {train['own_reward_gain_mean']:+.2f} SD).",
+        f"- Held-out users ({len(heldout['win_rates'])}), from 4 pairs only: win rate {heldout['win_rate_mean']:.0%} "
+        "against the base "
         f"(95 % bootstrap CI over users {low:.0%}–{high:.0%}; chance is 50 %).",
         f"- User identification among {encoder['users']} users from one 4-pair draw: top-1 {encoder['top1']:.0%}, "
         f"top-5 {encoder['top5']:.0%} (chance {encoder['chance_top1']:.1%} / {encoder['chance_top5']:.1%}); "

@@ -23,9 +23,12 @@ def brightness(images: torch.Tensor) -> torch.Tensor:
 
 
 def saturation(images: torch.Tensor) -> torch.Tensor:
-    """Mean HSV saturation, ``(max - min) / max`` per pixel."""
-    high, low = images.max(1).values, images.min(1).values
-    return ((high - low) / high.clamp_min(1e-3)).mean((1, 2))
+    """Mean chroma, ``max - min`` of the channels per pixel.
+
+    Not HSV's ``(max - min) / max``: that ratio blows up on near-black pixels, so it rewarded dark, noisy
+    backgrounds and was not monotonic in how colourful an image looks.
+    """
+    return (images.max(1).values - images.min(1).values).mean((1, 2))
 
 
 def warmth(images: torch.Tensor) -> torch.Tensor:
@@ -33,22 +36,24 @@ def warmth(images: torch.Tensor) -> torch.Tensor:
     return (images[:, 0] - images[:, 2]).mean((1, 2))
 
 
-def centring(images: torch.Tensor) -> torch.Tensor:
-    """1 for an object at the centre, falling linearly to 0 at distance 0.5 (image units).
+def centring(images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """1 for an object at the centre, falling linearly to 0 at distance 0.5 (image units); 0 without an object.
 
-    The object is what differs from the background colour, estimated as the median of the border pixels;
-    its centre is the difference-weighted centroid.
+    The object is the set of pixels whose colour differs from the background (the median of the border
+    pixels) by more than ``threshold`` (sum over channels); its centre is their centroid. A hard mask, so
+    faint background gradients do not move the centre.
     """
     batch, _, height, width = images.shape
     border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
     background = border.median(-1).values.view(batch, 3, 1, 1)
-    weight = (images - background).abs().sum(1)  # (batch, height, width)
-    weight = weight / weight.sum((1, 2), keepdim=True).clamp_min(1e-6)
+    mask = ((images - background).abs().sum(1) > threshold).to(images.dtype)  # (batch, height, width)
+    area = mask.sum((1, 2))
+    weight = mask / area.view(batch, 1, 1).clamp_min(1)
     ys = (torch.arange(height, dtype=images.dtype, device=images.device) + 0.5) / height
     xs = (torch.arange(width, dtype=images.dtype, device=images.device) + 0.5) / width
     cy, cx = (weight.sum(2) * ys).sum(1), (weight.sum(1) * xs).sum(1)
     distance = torch.sqrt((cx - 0.5) ** 2 + (cy - 0.5) ** 2)
-    return (1 - distance / 0.5).clamp_min(0)
+    return torch.where(area > 0, (1 - distance / 0.5).clamp_min(0), torch.zeros_like(distance))
 
 
 REWARDS = {"brightness": brightness, "saturation": saturation, "warmth": warmth, "centring": centring}
