@@ -11,7 +11,6 @@ package ships the trained weights (``ppd_diffusers/testbed/encoder``); ``train_t
 from __future__ import annotations
 
 import colorsys
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,8 +26,6 @@ if TYPE_CHECKING:
     from transformers import CLIPModel
 
 __all__ = ["ENCODER_DIR", "describe", "train_testbed_encoder"]
-
-logger = logging.getLogger(__name__)
 
 ENCODER_DIR = Path(__file__).parent / "encoder"
 

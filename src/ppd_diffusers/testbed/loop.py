@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import PIL.Image
@@ -62,7 +63,8 @@ class TestbedConfig:
     learning_rate: float = 1e-3
     beta: float = 500.0
     user_dropout: float = 0.1
-    timestep_weighting: str = "min_snr"  # damps the low-noise steps, where pairs differ only in noise-like detail
+    # Min-SNR damps the low-noise steps, where pairs differ only in noise-like detail
+    timestep_weighting: Literal["constant", "min_snr"] = "min_snr"
     eval_samples_per_user: int = 6  # spread evenly over the prompts; many users, few images: the CI is over users
     eval_train_users: int = 28  # random training users evaluated besides the single-reward ones
     probe_users: int = 48
