@@ -45,7 +45,7 @@ def test_quick_report_is_complete(quick_report):
     for name in ("report.md", "interpolation.png", *(f"samples_{r}.png" for r in report["per_reward"])):
         assert (out / name).is_file(), name
     probe = report["identification_probe"]["encoder"]
-    assert probe["top5"] > probe["chance_top5"]
+    assert probe["top5"] > 1.5 * probe["chance_top5"]  # measured 2x
     # the brightness user, the clearest axis, is served far beyond the base
     brightness = report["per_reward"]["brightness"]
     assert brightness["ppd_single_reward_user"] > brightness["base"] + 0.5

@@ -43,8 +43,10 @@ def test_clipped_scheduler_equals_the_plain_one_inside_the_range_and_clips_outsi
     x0 = torch.rand(2, 3, 4, 4) * 1.6 - 0.8
     eps = (sample - abar.sqrt() * x0) / (1 - abar).sqrt()
     torch.testing.assert_close(steps(clipped, eps, sample), steps(plain, eps, sample), atol=1e-5, rtol=1e-5)
-    # an implied x0 far outside: the clipped step moves toward the boundary, the plain one overshoots it
+    # an implied x0 far outside (30): the clipped step is the plain step toward x0 = 1, the plain one overshoots
     wild = (sample - abar.sqrt() * 30) / (1 - abar).sqrt()
+    toward_bound = (sample - abar.sqrt() * 1) / (1 - abar).sqrt()
+    torch.testing.assert_close(steps(clipped, wild, sample), steps(plain, toward_bound, sample), atol=1e-5, rtol=1e-5)
     assert steps(plain, wild, sample).mean() > steps(clipped, wild, sample).mean() + 5
 
 
@@ -91,8 +93,8 @@ def test_shipped_encoder_matches_scenes_to_their_captions():
 def test_cli_trains_an_encoder_the_preference_encoder_loads(tmp_path):
     out = tmp_path / "encoder"
     result = subprocess.run(
-        [*CLI, "train-testbed-encoder", "--output", str(out), "--steps", "2", "--batch_size", "8",
-         "--num_scenes", "16"],
+        [*CLI, "train-testbed-encoder", "--output", str(out), "--steps", "20", "--batch_size", "8",
+         "--num_scenes", "16"],  # 20 steps: a one-step warm-up, which torch's OneCycleLR cannot take
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

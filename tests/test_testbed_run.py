@@ -14,6 +14,7 @@ from ppd_diffusers.testbed.base_model import BASE_MODEL_DIR, load_base_pipeline
 from ppd_diffusers.testbed.evaluate import color_accuracy
 from ppd_diffusers.testbed.loop import TestbedConfig
 from ppd_diffusers.testbed.run import run_testbed
+from ppd_diffusers.testing_utils import save_random_clip
 
 CLI = [sys.executable, "-m", "ppd_diffusers.cli"]
 MICRO = dict(
@@ -37,6 +38,13 @@ def test_micro_run_writes_the_report_and_seeds_reproduce(tmp_path):
     assert runs[0] != runs[2]
 
 
+def test_micro_run_takes_another_encoder(tmp_path):
+    save_random_clip(tmp_path / "clip")
+    report = run_testbed(replace(TestbedConfig.quick(), **MICRO), tmp_path / "out", encoder=tmp_path / "clip")
+    assert (tmp_path / "out" / "report.md").is_file()
+    assert report["identification_probe"]["encoder"]["users"] == MICRO["probe_users"]
+
+
 def test_cli_trains_a_base_model(tmp_path):
     result = subprocess.run(
         [*CLI, "train-testbed-base", "--output", str(tmp_path / "base"), "--steps", "2", "--batch_size", "4"],
@@ -46,7 +54,7 @@ def test_cli_trains_a_base_model(tmp_path):
     pipe = load_base_pipeline(tmp_path / "base")
     assert pipe.prior.config.in_channels == 3 and pipe.config.resolution_multiple == 1.0
     help_text = subprocess.run([*CLI, "testbed", "--help"], capture_output=True, text=True, timeout=300).stdout
-    assert "--quick" in help_text and "--seed" in help_text
+    assert "--quick" in help_text and "--seed" in help_text and "--encoder" in help_text
 
 
 def test_shipped_base_model_loads_and_follows_prompts():

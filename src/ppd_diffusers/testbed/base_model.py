@@ -24,7 +24,7 @@ from .shapes import prompts, random_scenes, render
 if TYPE_CHECKING:
     from ..pipeline_personalized_stable_cascade import PersonalizedStableCascadePipeline
 
-__all__ = ["BASE_MODEL_DIR", "IMAGE_SIZE", "base_unet_config", "load_base_pipeline", "train_base_model"]
+__all__ = ["BASE_MODEL_DIR", "IMAGE_SIZE", "base_unet_config", "load_base_pipeline", "one_cycle", "train_base_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,18 @@ def _text_encoder(seed: int):
     tokenizer = clip_text_tokenizer(model_max_length=MAX_TOKENS)
     torch.manual_seed(seed)
     return clip_text_encoder(tokenizer, hidden_size=TEXT_WIDTH, projection_dim=TEXT_WIDTH), tokenizer
+
+
+def one_cycle(
+    optimizer: torch.optim.Optimizer, learning_rate: float, steps: int, warmup: float = 0.05
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """``OneCycleLR`` with a ``warmup`` fraction of warm-up steps (the testbed trainers' schedule).
+
+    torch divides by zero when the warm-up is exactly one step (``warmup * steps == 1``); it then lasts two.
+    """
+    if warmup * steps == 1:
+        warmup = 2 / steps
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=warmup)
 
 
 def train_base_model(
@@ -102,7 +114,7 @@ def train_base_model(
     torch.manual_seed(seed)
     unet = StableCascadeUNet(**base_unet_config())
     optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.05)
+    schedule = one_cycle(optimizer, learning_rate, steps)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     no_image = torch.zeros(batch_size, 1, TEXT_WIDTH)

@@ -96,6 +96,7 @@ def train_testbed_encoder(
         The trained ``CLIPModel``.
     """
     from ..testing_utils import tiny_clip
+    from .base_model import one_cycle
 
     model, tokenizer, image_processor = tiny_clip(seed, hidden_size=64, projection_dim=32, patch_size=4)
     rng = np.random.default_rng(seed)
@@ -104,7 +105,7 @@ def train_testbed_encoder(
     captions = [describe(scene) for scene in scenes]
     tokens = tokenizer(captions, padding=True, return_tensors="pt")
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.05)
+    schedule = one_cycle(optimizer, learning_rate, steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in (bar := tqdm(range(steps), desc="Training the testbed encoder")):

@@ -35,9 +35,9 @@ class TestbedConfig:
     """Sizes and hyperparameters of one testbed run.
 
     ``quick()`` is the README's configuration (about 2.5 minutes on 2 CPU cores); ``full()`` has more
-    users, pairs, steps and evaluation images and runs the single-reward DPO bounds (sized for about 15
-    minutes). Every field can be changed with ``dataclasses.replace``; the comments beside the fields say
-    why the defaults are what they are (see also docs/guides/testbed.md).
+    users, pairs, steps and evaluation images and runs the single-reward DPO bounds (about 18 minutes).
+    Every field can be changed with ``dataclasses.replace``; the comments beside the fields say why the
+    defaults are what they are (see also docs/guides/testbed.md).
 
     Examples:
         >>> from dataclasses import replace
