@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .loop import PairPool, TestbedConfig, UserPairs, generate
-from .rewards import SyntheticUser, reward_matrix
+from .rewards import SyntheticUser, object_mask, reward_matrix
 from .shapes import COLORS, prompts, to_pixels
 
 __all__ = [
@@ -103,10 +103,8 @@ def identification_probe(
 
 
 def object_hue(image: torch.Tensor, threshold: float = 0.3) -> float | None:
-    """Hue of the pixels that differ from the background (border median) by more than ``threshold``."""
-    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=-1)
-    background = border.median(-1).values.view(3, 1, 1)
-    mask = (image - background).abs().sum(0) > threshold
+    """Hue of the object's pixels (``object_mask``), or None when fewer than 3 pixels stand out."""
+    mask = object_mask(image[None], threshold)[0]
     if mask.sum() < 3:
         return None
     return colorsys.rgb_to_hls(*image[:, mask].mean(1).tolist())[0]

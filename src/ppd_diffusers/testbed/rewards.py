@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["REWARDS", "RewardScaler", "SyntheticUser", "reward_matrix", "single_reward_users", "random_users"]
+__all__ = [
+    "REWARDS",
+    "RewardScaler",
+    "SyntheticUser",
+    "object_mask",
+    "random_users",
+    "reward_matrix",
+    "single_reward_users",
+]
 
 
 def brightness(images: torch.Tensor) -> torch.Tensor:
@@ -36,17 +44,22 @@ def warmth(images: torch.Tensor) -> torch.Tensor:
     return (images[:, 0] - images[:, 2]).mean((1, 2))
 
 
+def object_mask(images: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(batch, height, width)`` booleans: pixels whose colour differs from the background (the median of
+    the border pixels) by more than ``threshold``, summed over channels."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    background = border.median(-1).values.view(images.shape[0], 3, 1, 1)
+    return (images - background).abs().sum(1) > threshold
+
+
 def centring(images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
     """1 for an object at the centre, falling linearly to 0 at distance 0.5 (image units); 0 without an object.
 
-    The object is the set of pixels whose colour differs from the background (the median of the border
-    pixels) by more than ``threshold`` (sum over channels); its centre is their centroid. A hard mask, so
+    The object is ``object_mask(images, threshold)``; its centre is the mask's centroid. A hard mask, so
     faint background gradients do not move the centre.
     """
     batch, _, height, width = images.shape
-    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
-    background = border.median(-1).values.view(batch, 3, 1, 1)
-    mask = ((images - background).abs().sum(1) > threshold).to(images.dtype)  # (batch, height, width)
+    mask = object_mask(images, threshold).to(images.dtype)
     area = mask.sum((1, 2))
     weight = mask / area.view(batch, 1, 1).clamp_min(1)
     ys = (torch.arange(height, dtype=images.dtype, device=images.device) + 0.5) / height
