@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import statistics
@@ -46,3 +47,15 @@ def hardware(device: str) -> str:
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def write_results(path: str | None, result: dict, table: str) -> None:
+    """Prints the result as JSON and its markdown table, and writes both next to each other when ``path`` is set."""
+    text = json.dumps(result, indent=2)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        with open(path.removesuffix(".json") + ".md", "w") as f:
+            f.write(table + "\n")
+    print(text)
+    print(table)

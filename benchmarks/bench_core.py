@@ -26,7 +26,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from _measure import current_rss_bytes, hardware, interleaved_median, peak_rss_bytes
+from _measure import current_rss_bytes, hardware, interleaved_median, peak_rss_bytes, write_results
 from diffusers import StableCascadeUNet
 
 from ppd_diffusers import PPDLoss, UserAdapter, ppd_loss
@@ -273,14 +273,7 @@ def main() -> None:
         result["inference"] += bench_inference(args, config_name, dtype)
         if not args.skip_training:
             result["training"] += bench_training(args, config_name, dtype, args.dtype)
-    text, table = json.dumps(result, indent=2), to_markdown(result)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-        with open(args.output.removesuffix(".json") + ".md", "w") as f:
-            f.write(table + "\n")
-    print(text)
-    print(table)
+    write_results(args.output, result, to_markdown(result))
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ import json
 import logging
 import os
 
-import datasets
 import torch
 from accelerate import PartialState
 
 from ppd_diffusers import BasePreferenceEncoder, CLIPPreferenceEncoder, PreferenceEncoder, UserEmbeddingCache
 from ppd_diffusers.training import (
     encode_user_draws,
+    load_pickapic_dataset,
     merge_user_embedding_shards,
     sample_user_draws,
     save_user_embeddings,
@@ -63,11 +63,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    if os.path.exists(args.dataset) and not os.path.isdir(args.dataset):
-        builder = {"jsonl": "json"}.get(args.dataset.rsplit(".", 1)[-1], args.dataset.rsplit(".", 1)[-1])
-        dataset = datasets.load_dataset(builder, data_files=args.dataset, split=args.split)
-    else:
-        dataset = datasets.load_dataset(args.dataset, split=args.split)
+    dataset = load_pickapic_dataset(args.dataset, args.split)
     encoder = load_encoder(args, state.device)
     draws, stats = sample_user_draws(dataset, encoder.num_pairs, args.draws, args.seed)
     if state.is_main_process:

@@ -28,6 +28,7 @@ _LAZY_NAMES = {
     "PersonalizedStableCascadePipeline": "pipeline_personalized_stable_cascade",
     "PersonalizedStableCascadePipelineOutput": "pipeline_personalized_stable_cascade",
     "PaellaVQModel": "paella",
+    "StageCImageEncoder": "stage_c_image_encoder",
     "load_preference_pairs": "preference_pairs",
     "decoupled_attention": "attention",
     "PPDLoss": "loss",
@@ -50,6 +51,7 @@ __all__ = [
     "PersonalizedStageC",
     "PreferenceEncoder",
     "PreferencePair",
+    "StageCImageEncoder",
     "UserAdapter",
     "UserEmbeddingCache",
     "UserKeyValues",
@@ -79,6 +81,7 @@ if TYPE_CHECKING:
     )
     from .preference_encoder import PreferenceEncoder
     from .preference_pairs import PreferencePair, load_preference_pairs
+    from .stage_c_image_encoder import StageCImageEncoder
 
 
 def __getattr__(name: str) -> Any:

@@ -195,9 +195,13 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
     # conditioning
 
     def encode_prompt(
-        self, prompt: list[str], device: torch.device, num_images_per_prompt: int = 1
+        self, prompt: list[str], device: torch.device, num_images_per_prompt: int = 1, warn_truncation: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLIP hidden states ``(batch, 77, C)`` and pooled embeddings ``(batch, 1, C)``, as Stable Cascade uses."""
+        """CLIP hidden states ``(batch, 77, C)`` and pooled embeddings ``(batch, 1, C)``, as Stable Cascade uses.
+
+        Prompts longer than the tokenizer's limit are truncated, with a warning unless ``warn_truncation``
+        is ``False`` (training encodes many long captions on purpose).
+        """
         inputs = self.tokenizer(
             prompt,
             padding="max_length",
@@ -205,9 +209,10 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
             truncation=True,
             return_tensors="pt",
         )
-        untruncated = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
-        if untruncated.shape[-1] > inputs.input_ids.shape[-1]:
-            logger.warning("Prompts longer than %d tokens were truncated.", self.tokenizer.model_max_length)
+        if warn_truncation:
+            untruncated = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+            if untruncated.shape[-1] > inputs.input_ids.shape[-1]:
+                logger.warning("Prompts longer than %d tokens were truncated.", self.tokenizer.model_max_length)
         output = self.text_encoder(
             inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device), output_hidden_states=True
         )

@@ -1,22 +1,39 @@
 """Training helpers. Imported on demand only: ``import ppd_diffusers`` never loads this package."""
 
+from .arguments import PPDTrainingArguments
 from .dpo_step import ppd_dpo_step
-from .pickapic import DrawStats, UserDraw, pair_from_row, sample_user_draws
+from .latents import add_stage_c_latents, count_unreadable_rows
+from .model_card import adapter_model_card
+from .pairs_dataset import PairStats, PreferencePairsDataset, collate_preference_pairs
+from .pickapic import DrawStats, UserDraw, load_pickapic_dataset, pair_from_row, sample_user_draws
+from .trainer import TrainingResult, train_ppd
 from .user_embeddings import (
     encode_user_draws,
     load_user_embeddings,
     merge_user_embedding_shards,
     save_user_embeddings,
 )
+from .validation import validation_grid
 
 __all__ = [
     "DrawStats",
+    "PPDTrainingArguments",
+    "PairStats",
+    "PreferencePairsDataset",
+    "TrainingResult",
     "UserDraw",
+    "adapter_model_card",
+    "add_stage_c_latents",
+    "collate_preference_pairs",
+    "count_unreadable_rows",
     "encode_user_draws",
+    "load_pickapic_dataset",
     "load_user_embeddings",
     "merge_user_embedding_shards",
     "pair_from_row",
     "ppd_dpo_step",
     "sample_user_draws",
     "save_user_embeddings",
+    "train_ppd",
+    "validation_grid",
 ]

@@ -8,7 +8,9 @@ the draws; images are decoded only for the rows a draw uses.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from ..preference_pairs import PreferencePair
 
-__all__ = ["DrawStats", "UserDraw", "pair_from_row", "sample_user_draws"]
+__all__ = ["DrawStats", "UserDraw", "load_pickapic_dataset", "pair_from_row", "sample_user_draws"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,14 @@ class DrawStats:
     per_user_pairs: dict[Any, int] = field(default_factory=dict, repr=False)
 
 
+def read_columns(dataset: Any, names: Sequence[str]) -> list[list]:
+    """The given columns as Python lists, read in one go (not row by row) from a ``datasets.Dataset``."""
+    if hasattr(dataset, "select_columns"):
+        table = dataset.select_columns(list(names))[:]
+        return [table[name] for name in names]
+    return [list(dataset[name]) for name in names]
+
+
 def _user_seed(seed: int, user_id: Any) -> np.random.Generator:
     # depends on the user only: adding, removing or reordering other users changes nothing
     digest = hashlib.sha256(f"{seed}:{user_id!r}".encode()).digest()
@@ -73,7 +83,7 @@ def sample_user_draws(
     """
     if num_pairs < 1 or draws < 1:
         raise ValueError(f"`num_pairs` and `draws` must be positive integers, got {num_pairs} and {draws}.")
-    user_ids, labels = dataset["user_id"], dataset["label_0"]
+    user_ids, labels = read_columns(dataset, ("user_id", "label_0"))
     stats = DrawStats(rows=len(labels))
     rows_of_user: dict[Any, list[int]] = defaultdict(list)
     for row, (user_id, label) in enumerate(zip(user_ids, labels, strict=True)):
@@ -112,3 +122,40 @@ def pair_from_row(row: dict[str, Any]) -> PreferencePair:
         raise ValueError("A tied pair (`label_0 == 0.5`) has no preferred image.")
     first, second = (row["jpg_0"], row["jpg_1"]) if label == 1 else (row["jpg_1"], row["jpg_0"])
     return PreferencePair(prompt=row["caption"], chosen=first, rejected=second)
+
+
+def load_pickapic_dataset(name_or_path: str | os.PathLike, split: str = "train", streaming: bool = False) -> Any:
+    """Loads Pick-a-Pic-format data with ``datasets``, wherever it lies.
+
+    Args:
+        name_or_path: A Hub id (``yuvalkirstain/pickapic_v2``), a data file (``.parquet``, ``.jsonl``,
+            ``.csv``...), a folder of data files, or a folder written by ``save_to_disk`` (one split, or a
+            ``DatasetDict`` from which ``split`` is taken; a folder of one split is that split, whatever
+            ``split`` says).
+        split: The split.
+        streaming: Return an ``IterableDataset`` that reads rows as they are iterated (nothing is
+            downloaded up front); row order, and so row indices, are those of the files.
+
+    Returns:
+        A ``datasets.Dataset``, or a ``datasets.IterableDataset`` when ``streaming``.
+
+    Examples:
+        ```py
+        from ppd_diffusers.training import load_pickapic_dataset
+        pairs = load_pickapic_dataset("yuvalkirstain/pickapic_v2", split="validation_unique")
+        ```
+    """
+    import datasets
+
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
+        dataset = datasets.load_from_disk(path)[split]
+    elif os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
+        dataset = datasets.load_from_disk(path)
+    else:
+        if os.path.isfile(path):
+            extension = path.removesuffix(".gz").rsplit(".", 1)[-1]
+            builder = {"jsonl": "json"}.get(extension, extension)
+            return datasets.load_dataset(builder, data_files=path, split=split, streaming=streaming)
+        return datasets.load_dataset(path, split=split, streaming=streaming)
+    return dataset.to_iterable_dataset() if streaming else dataset

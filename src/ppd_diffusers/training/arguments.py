@@ -1,0 +1,160 @@
+"""Every setting of a PPD training run, parsed from the command line by ``transformers.HfArgumentParser``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["PPDTrainingArguments"]
+
+DEFAULT_VALIDATION_PROMPTS = [
+    "a lighthouse on a cliff at dusk",
+    "a bowl of fruit on a wooden table",
+    "portrait of an old sailor",
+]
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class PPDTrainingArguments:
+    """Settings of ``train_ppd`` (``examples/train_ppd.py --help`` lists them with these descriptions).
+
+    Defaults follow the paper where it says (AdamW, learning rate 1e-5, one epoch; the paper's effective batch
+    of 768 pairs is ``train_batch_size x gradient_accumulation_steps x processes``) and Diffusion-DPO
+    (beta 5000) elsewhere.
+
+    Examples:
+        ```py
+        from transformers import HfArgumentParser
+        from ppd_diffusers.training import PPDTrainingArguments, train_ppd
+
+        (args,) = HfArgumentParser(PPDTrainingArguments).parse_args_into_dataclasses()
+        train_ppd(args)
+        ```
+    """
+
+    # --- data
+    dataset_name: str = field(
+        default=None,
+        metadata=_help(
+            "Pick-a-Pic-format data: a Hub id, a data file or folder of files, or a folder written by "
+            "`save_to_disk` (e.g. by `examples/precompute_latents.py`, then latents are not recomputed)."
+        ),
+    )
+    user_embeddings: str = field(
+        default=None,
+        metadata=_help("The `user_embeddings.safetensors` written by `examples/compute_user_embeddings.py`."),
+    )
+    dataset_split: str = field(default="train", metadata=_help("Split of `dataset_name`."))
+    max_train_samples: int | None = field(
+        default=None, metadata=_help("Train on this many pairs only (a seeded random subset), for quick runs.")
+    )
+    num_validation_users: int = field(
+        default=4, metadata=_help("Users held out of training whose validation images are generated.")
+    )
+    dataloader_num_workers: int = field(default=0, metadata=_help("Processes decoding images (0: the main one)."))
+    # --- models
+    pretrained_model_name_or_path: str = field(
+        default="stabilityai/stable-cascade-prior", metadata=_help("The Stage C repo (prior, text encoder...).")
+    )
+    prior_subfolder: str = field(default="prior", metadata=_help("`prior` (3.6B) or `prior_lite` (1B)."))
+    revision: str | None = field(default=None, metadata=_help("Revision of the Stage C repo."))
+    variant: str | None = field(default=None, metadata=_help("Weight variant of the base models, e.g. `bf16`."))
+    decoder_model_name_or_path: str | None = field(
+        default=None,
+        metadata=_help("Stage B/A repo (e.g. `stabilityai/stable-cascade`) for validation images; none without it."),
+    )
+    image_encoder: str | None = field(
+        default=None,
+        metadata=_help("A saved `StageCImageEncoder` (Hub id or folder), when the data has no precomputed latents."),
+    )
+    effnet_checkpoint: str | None = field(
+        default=None,
+        metadata=_help("Or Stability's `effnet_encoder.safetensors` (file, folder or Hub repo) as the image encoder."),
+    )
+    resolution: int = field(default=1024, metadata=_help("Training image size in pixels (1024: 24x24 latents)."))
+    adapter_name_or_path: str | None = field(
+        default=None, metadata=_help("Start from this trained `UserAdapter` instead of a fresh one.")
+    )
+    num_user_tokens: int = field(default=4, metadata=_help("User tokens per user-embedding token (new adapter)."))
+    user_token_dim: int = field(default=768, metadata=_help("Width of a user token (new adapter)."))
+    resolution_multiple: float = field(
+        default=42.67, metadata=_help("Image pixels per Stage C latent pixel (only for other base models).")
+    )
+    latent_dim_scale: float = field(
+        default=10.67, metadata=_help("Stage B latent pixels per Stage C latent pixel (only for other base models).")
+    )
+    # --- optimisation
+    output_dir: str = field(default="ppd-adapter", metadata=_help("Adapter, checkpoints, logs and validation images."))
+    seed: int = field(default=0, metadata=_help("Seed of the data order, noise, timesteps and dropout."))
+    train_batch_size: int = field(default=4, metadata=_help("Pairs per process per forward pass."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Forward passes per optimizer step."))
+    num_train_epochs: int = field(default=1, metadata=_help("Passes over the training pairs (paper: 1)."))
+    max_train_steps: int | None = field(default=None, metadata=_help("Optimizer steps; overrides the epochs."))
+    learning_rate: float = field(default=1e-5, metadata=_help("AdamW learning rate (paper: 1e-5)."))
+    lr_scheduler: str = field(
+        default="constant_with_warmup",
+        metadata=_help("A `diffusers.optimization.get_scheduler` name: constant, linear, cosine, ..."),
+    )
+    lr_warmup_steps: int = field(default=100, metadata=_help("Optimizer steps of linear learning-rate warmup."))
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (0 turns it off)."))
+    beta_dpo: float = field(default=5000.0, metadata=_help("Diffusion-DPO's beta (see `PPDLoss`)."))
+    timestep_weighting: Literal["constant", "min_snr"] = field(
+        default="constant", metadata=_help("Weight of each timestep in the loss (see `timestep_weight`).")
+    )
+    user_dropout: float = field(
+        default=0.1, metadata=_help("Probability of training a pair without its user (enables user guidance).")
+    )
+    prompt_dropout: float = field(default=0.05, metadata=_help("Probability of training a pair on the empty prompt."))
+    mixed_precision: Literal["no", "bf16"] | None = field(
+        default=None,
+        metadata=_help(
+            "`bf16` (frozen models stored in bf16, adapter fp32 under autocast) or `no`; default: accelerate's"
+        ),
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("Recompute Stage C blocks in the backward pass: far less memory, ~25% slower.")
+    )
+    allow_tf32: bool = field(default=False, metadata=_help("Allow TF32 matmuls on Ampere and newer GPUs."))
+    # --- checkpoints, logging, validation, hub
+    checkpointing_steps: int = field(default=500, metadata=_help("Save a resumable checkpoint every N steps."))
+    checkpoints_total_limit: int | None = field(default=None, metadata=_help("Keep at most this many checkpoints."))
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata=_help("A `checkpoint-N` folder, or `latest` (the newest in `output_dir`, if any).")
+    )
+    report_to: str = field(default="tensorboard", metadata=_help("`tensorboard`, `wandb`, `all` or `none`."))
+    tracker_project_name: str = field(default="ppd", metadata=_help("Project name of the trackers."))
+    validation_steps: int = field(default=500, metadata=_help("Generate validation images every N steps."))
+    validation_prompts: list[str] = field(
+        default_factory=lambda: list(DEFAULT_VALIDATION_PROMPTS), metadata=_help("Prompts of the validation grid.")
+    )
+    validation_inference_steps: int = field(default=20, metadata=_help("Stage C steps of validation images."))
+    validation_guidance_scale: float = field(default=4.0, metadata=_help("Guidance of validation images."))
+    push_to_hub: bool = field(default=False, metadata=_help("Upload the adapter and its model card at the end."))
+    hub_model_id: str | None = field(default=None, metadata=_help("Hub repo (default: the output folder's name)."))
+    hub_token: str | None = field(default=None, metadata=_help("Hub token (default: the saved login)."))
+
+    def __post_init__(self):
+        for name in ("dataset_name", "user_embeddings"):
+            if getattr(self, name) is None:
+                raise ValueError(f"`{name}` is required.")
+        for name in ("user_dropout", "prompt_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"`{name}` must be a probability in [0, 1], got {getattr(self, name)}.")
+        positive = ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps"]
+        positive += ["validation_steps", "validation_inference_steps", "resolution"]
+        optional_positive = ["max_train_steps", "max_train_samples", "checkpoints_total_limit"]
+        for name in positive + [n for n in optional_positive if getattr(self, n) is not None]:
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.mixed_precision == "fp16":
+            raise ValueError("`mixed_precision='fp16'` gives black Stable Cascade images: use `bf16` or `no`.")
+        if self.image_encoder is not None and self.effnet_checkpoint is not None:
+            raise ValueError("Pass one of `image_encoder` and `effnet_checkpoint`, not both.")

@@ -1,0 +1,131 @@
+"""The model card of a trained adapter (base model, data, hyperparameters, metrics) and its upload to the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from typing import Any
+
+from .arguments import PPDTrainingArguments
+from .pairs_dataset import PairStats
+
+__all__ = ["adapter_model_card"]
+
+HYPERPARAMETERS = (
+    "learning_rate", "lr_scheduler", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps",
+    "beta_dpo", "timestep_weighting", "user_dropout", "prompt_dropout", "max_grad_norm", "adam_weight_decay",
+    "mixed_precision", "gradient_checkpointing", "resolution", "seed",
+)  # fmt: skip
+
+
+def adapter_model_card(
+    args: PPDTrainingArguments,
+    adapter_config: Any,
+    pair_stats: PairStats,
+    metrics: dict[str, float],
+    global_step: int,
+    effective_batch: int,
+    embedding_metadata: dict[str, Any] | None = None,
+    skipped_rows: int = 0,
+) -> Any:
+    """A ``huggingface_hub.ModelCard`` describing a PPD adapter and how it was trained.
+
+    Args:
+        args: The training settings.
+        adapter_config: The trained adapter's config (its token count and width are read from here).
+        pair_stats: How the data's rows were used.
+        metrics: Metrics of the last training step.
+        global_step: Optimizer steps taken.
+        effective_batch: Pairs per optimizer step (batch x accumulation x processes).
+        embedding_metadata: Metadata of the user-embedding table (its encoder).
+        skipped_rows: Reads of unreadable rows during training.
+
+    Returns:
+        The card; ``card.save(path)`` writes it, ``card.push_to_hub(repo_id)`` uploads it.
+
+    Examples:
+        ```py
+        card = adapter_model_card(args, adapter.config, dataset.stats, {"loss": 0.61}, 1000, 768)
+        card.save("ppd-adapter/README.md")
+        ```
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = args.pretrained_model_name_or_path
+    data = ModelCardData(
+        library_name="ppd-diffusers",
+        base_model=base if not os.path.isdir(base) else None,
+        datasets=[args.dataset_name] if not os.path.exists(args.dataset_name) else None,
+        tags=["ppd", "stable-cascade", "diffusion-dpo", "personalization", "text-to-image"],
+        license="other",
+    )
+    rows = [(name, getattr(args, name)) for name in HYPERPARAMETERS]
+    rows += [(name, adapter_config[name]) for name in ("user_embed_dim", "num_user_tokens", "user_token_dim")]
+    hyperparameters = "\n".join(f"| `{name}` | {value} |" for name, value in rows)
+    metric_rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
+    encoder = (embedding_metadata or {}).get("encoder")
+    encoder_text = f"```json\n{json.dumps(encoder, indent=2, default=str)}\n```" if encoder else "not recorded"
+    stats = asdict(pair_stats)
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    content = f"""---
+{data.to_yaml()}
+---
+
+# PPD user adapter for Stable Cascade
+
+A `UserAdapter` (decoupled user cross-attention for Stage C, `{args.prior_subfolder}` of `{base}`) trained with
+the user-conditioned Diffusion-DPO loss of PPD ([arXiv 2501.06655](https://arxiv.org/abs/2501.06655)) by
+[ppd-diffusers](https://github.com/ppd-diffusers/ppd-diffusers).
+
+```py
+import torch
+from ppd_diffusers import PersonalizedStableCascadePipeline
+
+pipe = PersonalizedStableCascadePipeline.from_stable_cascade(
+    "{repo_id}", "<the preference encoder below>",
+    prior_model_name_or_path="{base}", prior_subfolder="{args.prior_subfolder}", torch_dtype=torch.bfloat16,
+).to("cuda")
+image = pipe("a lighthouse at dusk", preference_pairs=pairs).images[0]  # 4 (prompt, preferred, rejected)
+```
+
+## Training data
+
+`{args.dataset_name}` (split `{args.dataset_split}`): {stats["pairs"]} training pairs of {stats["users"]} users;
+{stats["ties"]} ties, {stats["rows_without_user_embedding"]} rows of users without an embedding and
+{stats["profile_rows"]} rows that built their user's embedding were left out; unreadable images were met
+{skipped_rows} times and passed over. User embeddings: `{args.user_embeddings}`, from the preference encoder
+
+{encoder_text}
+
+## Training
+
+{global_step} optimizer steps of {effective_batch} pairs (`train_batch_size` x accumulation x processes).
+
+| hyperparameter | value |
+|---|---|
+{hyperparameters}
+
+## Metrics at the last step
+
+| metric | value |
+|---|---|
+{metric_rows}
+"""
+    return ModelCard(content)
+
+
+def push_to_hub(args: PPDTrainingArguments) -> str:
+    """Uploads ``output_dir``: the adapter, its model card and the validation grids (not checkpoints or logs)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        token=args.hub_token,
+        commit_message="PPD user adapter",
+        ignore_patterns=["checkpoint-*", "logs/*", "*.tmp/*"],
+    )
+    return repo_id

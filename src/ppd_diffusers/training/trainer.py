@@ -1,0 +1,376 @@
+"""``train_ppd``: the multi-user PPD training run behind ``examples/train_ppd.py``, on one device or many.
+
+accelerate supplies the devices, DDP/FSDP/DeepSpeed, mixed precision, gradient accumulation, trackers and the
+resumable checkpoints; this module supplies PPD: a frozen Stage C in ``eval()``, one trainable ``UserAdapter``,
+Pick-a-Pic pairs joined with their users' embeddings, and the user-conditioned Diffusion-DPO step.
+
+Exact resume: a checkpoint holds the adapter, optimizer, learning-rate schedule and the step; the data order
+is a function of the seed and the epoch (accelerate's seedable sampler), the position is restored by skipping
+the batches already seen, and each batch's noise, timesteps and dropout come from a generator seeded by
+``(seed, epoch, batch, process)``, so no random state has to survive the kill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..loss import PPDLoss
+from .arguments import PPDTrainingArguments
+from .checkpoints import prepare_output_dir, resolve_resume, save_checkpoint, step_of
+from .dpo_step import ppd_dpo_step
+from .pairs_dataset import PreferencePairsDataset, collate_preference_pairs
+from .pickapic import load_pickapic_dataset
+from .user_embeddings import load_user_embeddings
+
+__all__ = ["TrainingResult", "train_ppd"]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainingResult:
+    """What ``train_ppd`` did.
+
+    Args:
+        global_step: Optimizer steps taken, counting those before a resume.
+        adapter_path: Folder of the saved adapter (``output_dir``), loadable by ``load_user_adapter``.
+        pair_stats: How the dataset's rows were sorted (see ``PairStats``), as a dict.
+        skipped_rows: Reads of rows with an unreadable image during this run (passed over), summed over processes.
+        final_metrics: Metrics of the last step (``loss``, ``implicit_accuracy``, ``lr``...).
+        adapter: The trained adapter (fp32, unwrapped), as saved.
+    """
+
+    global_step: int
+    adapter_path: str
+    pair_stats: dict[str, int]
+    skipped_rows: int = 0
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    adapter: Any = field(default=None, repr=False)
+
+
+def _seed_of(*parts: Any) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _validation_users(draws: list, count: int, seed: int) -> list:
+    users = sorted({d.user_id for d in draws}, key=lambda u: _seed_of(seed, "validation", repr(u)))
+    return users[:count]
+
+
+def _effnet_pixels(image: Any, height: int, width: int) -> torch.Tensor:
+    from ..stage_c_image_encoder import preprocess_images
+
+    return preprocess_images([image], height=height, width=width)[0]
+
+
+def _load_image_encoder(args: PPDTrainingArguments, device: torch.device, dtype: torch.dtype):
+    from ..stage_c_image_encoder import StageCImageEncoder
+
+    if args.image_encoder is not None:
+        encoder = StageCImageEncoder.from_pretrained(args.image_encoder)
+    elif args.effnet_checkpoint is not None:
+        encoder = StageCImageEncoder.from_stability_checkpoint(args.effnet_checkpoint)
+    else:
+        raise ValueError(
+            "The dataset has no precomputed latents: pass `image_encoder` or `effnet_checkpoint`, or precompute "
+            "the latents with `examples/precompute_latents.py`."
+        )
+    return encoder.requires_grad_(False).eval().to(device, dtype)
+
+
+def _optimizer(adapter: torch.nn.Module, args: PPDTrainingArguments) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        adapter.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def _train_batch(batch, pipe, image_encoder, model, loss_fn, args, generator, weight_dtype):
+    """The PPD loss of one batch: latents (precomputed or encoded now), prompts with dropout, the DPO step."""
+    device = generator.device
+    if image_encoder is not None:
+        with torch.no_grad():
+            pixels = torch.cat([batch["pixels_chosen"], batch["pixels_rejected"]]).to(device, weight_dtype)
+            chosen, rejected = image_encoder(pixels).chunk(2)
+    else:
+        chosen, rejected = batch["latents_chosen"], batch["latents_rejected"]
+    pairs = chosen.shape[0]
+    drop = torch.rand(pairs, generator=generator, device=device) < args.prompt_dropout
+    captions = ["" if dropped else caption for dropped, caption in zip(drop.tolist(), batch["caption"], strict=True)]
+    with torch.no_grad():
+        clip_text, clip_text_pooled = pipe.encode_prompt(captions, device, warn_truncation=False)
+    clip_img = clip_text.new_zeros(pairs, 1, pipe.prior.config.clip_image_in_channels)
+    return ppd_dpo_step(
+        model,
+        chosen.to(device, weight_dtype),
+        rejected.to(device, weight_dtype),
+        clip_text_pooled,
+        batch["user_embeds"].to(device),  # the fp32 adapter reads them; autocast picks the matmul precision
+        clip_text=clip_text,
+        clip_img=clip_img,
+        loss_fn=loss_fn,
+        user_dropout=args.user_dropout,
+        timestep_weighting=args.timestep_weighting,
+        generator=generator,
+    )
+
+
+def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
+    """Trains a ``UserAdapter`` for many users at once with the user-conditioned Diffusion-DPO loss.
+
+    Run it under ``accelerate launch`` for several GPUs or nodes (DDP, FSDP or DeepSpeed come from the accelerate
+    config). Only the adapter is trained, prepared and checkpointed; Stage C and the encoders stay frozen in
+    ``eval()`` and, with ``mixed_precision="bf16"``, are stored in bf16 while the adapter keeps fp32 weights.
+    Writes to ``args.output_dir``: the adapter (``save_pretrained``, loadable by
+    ``PersonalizedStableCascadePipeline.load_user_adapter``), a model card ``README.md``, ``checkpoint-N``
+    folders, ``logs/metrics.jsonl`` (one line per step) and ``validation/step-N.png`` grids (rows: prompts;
+    columns: the base model, then each held-out user).
+
+    Args:
+        args: The settings (see ``PPDTrainingArguments``).
+
+    Returns:
+        A ``TrainingResult``.
+
+    Examples:
+        ```py
+        from ppd_diffusers.training import PPDTrainingArguments, train_ppd
+
+        result = train_ppd(PPDTrainingArguments(
+            dataset_name="pickapic-latents", user_embeddings="user_embeddings/user_embeddings.safetensors",
+            mixed_precision="bf16", gradient_checkpointing=True, max_train_steps=1000,
+        ))
+        ```
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from ..adapter import UserAdapter
+    from ..personalized_unet import PersonalizedStageC
+    from ..pipeline_personalized_stable_cascade import PersonalizedStableCascadePipeline
+    from .model_card import adapter_model_card
+    from .validation import gather_adapter, log_validation
+
+    logging_dir = os.path.join(args.output_dir, "logs")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        # the sampler's permutation depends on the seed and the epoch only: resumable
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    set_seed(args.seed)  # the same fresh adapter in every process (DDP also broadcasts it)
+    if accelerator.mixed_precision == "fp16":
+        raise ValueError("fp16 gives black Stable Cascade images: use `--mixed_precision bf16` or `no`.")
+    weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if accelerator.is_main_process:
+        os.makedirs(logging_dir, exist_ok=True)
+        prepare_output_dir(args.output_dir, checkpoint, os.path.join(logging_dir, METRICS_FILE))
+    accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------- models
+    # Stage B and A only make the validation images, which the main process draws
+    validating = args.decoder_model_name_or_path is not None and args.num_validation_users > 0
+    pipe = PersonalizedStableCascadePipeline.from_stable_cascade(
+        prior_model_name_or_path=args.pretrained_model_name_or_path,
+        decoder_model_name_or_path=args.decoder_model_name_or_path if accelerator.is_main_process else None,
+        prior_subfolder=args.prior_subfolder,
+        torch_dtype=weight_dtype,
+        variant=args.variant,
+        revision=args.revision,
+        resolution_multiple=args.resolution_multiple,
+        latent_dim_scale=args.latent_dim_scale,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.prior, pipe.text_encoder, pipe.decoder, pipe.vqgan):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    pipe.to(accelerator.device)
+    if args.gradient_checkpointing:
+        pipe.prior.enable_gradient_checkpointing()
+
+    user_embeddings, draws, embedding_metadata = load_user_embeddings(args.user_embeddings)
+    if args.adapter_name_or_path is not None:
+        adapter = UserAdapter.from_pretrained(args.adapter_name_or_path)
+        adapter.check_unet(pipe.prior)
+        adapter = adapter.to(accelerator.device, torch.float32)
+    else:
+        adapter = UserAdapter.from_unet(
+            pipe.prior,
+            user_embed_dim=user_embeddings.shape[-1],
+            num_user_tokens=args.num_user_tokens,
+            user_token_dim=args.user_token_dim,
+        )
+    if adapter.config.user_embed_dim != user_embeddings.shape[-1]:
+        raise ValueError(
+            f"The adapter takes user embeddings of width {adapter.config.user_embed_dim}, but "
+            f"`user_embeddings` holds width {user_embeddings.shape[-1]}."
+        )
+    adapter.train()
+
+    # ---------------------------------------------------------------- data
+    with accelerator.main_process_first():  # one download or cache build, then the others read it
+        dataset = load_pickapic_dataset(args.dataset_name, args.dataset_split)
+    held_out = _validation_users(draws, args.num_validation_users, args.seed) if validating else []
+    image_encoder, image_transform = None, None
+    columns = dataset.column_names
+    if not {"latents_0", "latents_1"} <= set(columns):
+        image_encoder = _load_image_encoder(args, accelerator.device, weight_dtype)
+        image_transform = partial(_effnet_pixels, height=args.resolution, width=args.resolution)
+    pairs = PreferencePairsDataset(
+        dataset, user_embeddings, draws, image_transform=image_transform, exclude_users=held_out, seed=args.seed
+    )
+    if len(pairs) == 0:
+        raise ValueError(f"No training pairs in `{args.dataset_name}`: {pairs.stats}.")
+    train_set: torch.utils.data.Dataset = pairs
+    if args.max_train_samples is not None and args.max_train_samples < len(pairs):
+        chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))
+        train_set = torch.utils.data.Subset(pairs, chosen[: args.max_train_samples].tolist())
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=collate_preference_pairs,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,  # every process and step sees full batches
+    )
+
+    # ---------------------------------------------------------------- optimisation
+    optimizer = _optimizer(adapter, args)
+    adapter, optimizer, loader = accelerator.prepare(adapter, optimizer, loader)
+    if len(loader) == 0:
+        raise ValueError(
+            f"{len(train_set)} training pairs make no full batch of {args.train_batch_size} pairs in each of "
+            f"{accelerator.num_processes} processes: lower `train_batch_size`."
+        )
+    # DeepSpeed's config may override the argument: the accelerator holds the value in force
+    accumulation = accelerator.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(loader) / accumulation)  # per process
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # a prepared scheduler steps once per process at every optimizer step
+    lr_scheduler = accelerator.prepare(
+        get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=max_train_steps * accelerator.num_processes,
+        )
+    )
+    model = PersonalizedStageC(pipe.prior, adapter)
+    loss_fn = PPDLoss(beta=args.beta_dpo)
+
+    if accelerator.is_main_process:
+        config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()}
+        accelerator.init_trackers(args.tracker_project_name, config=config)
+        logger.info(
+            "%d training pairs of %d users (%s); %d held-out users; %d steps of %d pairs (%d per process x %d "
+            "accumulation x %d processes).",
+            len(train_set), pairs.stats.users, pairs.stats, len(held_out), max_train_steps,
+            args.train_batch_size * accumulation * accelerator.num_processes,
+            args.train_batch_size, accumulation, accelerator.num_processes,
+        )  # fmt: skip
+
+    global_step = 0
+    if checkpoint is not None:
+        accelerator.load_state(checkpoint)
+        global_step = step_of(checkpoint)
+        logger.info("Resumed from %s (step %d).", checkpoint, global_step)
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * accumulation
+
+    progress = tqdm(
+        total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    skipped_rows, running, metrics = 0, [], {}
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:
+            break
+        loader.set_epoch(epoch)
+        epoch_loader = loader
+        if epoch == first_epoch and batches_to_skip:
+            epoch_loader = accelerator.skip_first_batches(loader, batches_to_skip)
+        for batch_index, batch in enumerate(epoch_loader, start=batches_to_skip if epoch == first_epoch else 0):
+            generator = torch.Generator(accelerator.device)
+            generator.manual_seed(_seed_of(args.seed, epoch, batch_index, accelerator.process_index))
+            with accelerator.accumulate(adapter), accelerator.autocast():
+                out = _train_batch(batch, pipe, image_encoder, model, loss_fn, args, generator, weight_dtype)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            running.append(torch.stack([out.loss.detach().float(), out.implicit_accuracy.detach().float()]))
+            skipped_rows += batch["skipped"]
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            mean = accelerator.reduce(torch.stack(running).mean(0), reduction="mean")
+            running = []
+            metrics = {
+                "loss": mean[0].item(),
+                "implicit_accuracy": mean[1].item(),
+                "lr": lr_scheduler.get_last_lr()[0],
+                "epoch": epoch,
+            }
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['implicit_accuracy']:.2f}")
+            accelerator.log(metrics, step=global_step)
+            if accelerator.is_main_process:
+                with open(os.path.join(logging_dir, METRICS_FILE), "a") as f:
+                    f.write(json.dumps({"step": global_step, **metrics}) + "\n")
+            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if validating and (global_step % args.validation_steps == 0 or global_step == max_train_steps):
+                log_validation(accelerator, pipe, adapter, user_embeddings, draws, held_out, args, global_step)
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+
+    skipped_rows = int(accelerator.reduce(torch.tensor(skipped_rows, device=accelerator.device), "sum").item())
+    accelerator.wait_for_everyone()
+    trained = gather_adapter(accelerator, adapter)
+    if accelerator.is_main_process:
+        trained.save_pretrained(args.output_dir)
+        effective_batch = args.train_batch_size * accumulation * accelerator.num_processes
+        card = adapter_model_card(
+            args, trained.config, pairs.stats, metrics, global_step, effective_batch, embedding_metadata, skipped_rows
+        )
+        card.save(os.path.join(args.output_dir, "README.md"))
+        if args.push_to_hub:
+            from .model_card import push_to_hub
+
+            push_to_hub(args)
+        logger.info("Saved the adapter to %s; unreadable images met %d times.", args.output_dir, skipped_rows)
+    accelerator.end_training()
+    return TrainingResult(
+        global_step=global_step,
+        adapter_path=args.output_dir,
+        pair_stats=asdict(pairs.stats),
+        skipped_rows=skipped_rows,
+        final_metrics=metrics,
+        adapter=trained,
+    )
