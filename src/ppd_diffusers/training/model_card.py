@@ -28,6 +28,7 @@ def adapter_model_card(
     effective_batch: int,
     embedding_metadata: dict[str, Any] | None = None,
     skipped_rows: int = 0,
+    repo_id: str | None = None,
 ) -> Any:
     """A ``huggingface_hub.ModelCard`` describing a PPD adapter and how it was trained.
 
@@ -40,6 +41,8 @@ def adapter_model_card(
         effective_batch: Pairs per optimizer step (batch x accumulation x processes).
         embedding_metadata: Metadata of the user-embedding table (its encoder).
         skipped_rows: Reads of unreadable rows during training.
+        repo_id: The Hub repo the adapter goes to (for the usage snippet); by default ``hub_model_id`` or the
+            output folder's name.
 
     Returns:
         The card; ``card.save(path)`` writes it, ``card.push_to_hub(repo_id)`` uploads it.
@@ -67,7 +70,7 @@ def adapter_model_card(
     encoder = (embedding_metadata or {}).get("encoder")
     encoder_text = f"```json\n{json.dumps(encoder, indent=2, default=str)}\n```" if encoder else "not recorded"
     stats = asdict(pair_stats)
-    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    repo_id = repo_id or args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     content = f"""---
 {data.to_yaml()}
 ---
@@ -92,7 +95,8 @@ image = pipe("a lighthouse at dusk", preference_pairs=pairs).images[0]  # 4 (pro
 ## Training data
 
 `{args.dataset_name}` (split `{args.dataset_split}`): {stats["pairs"]} training pairs of {stats["users"]} users;
-{stats["ties"]} ties, {stats["rows_without_user_embedding"]} rows of users without an embedding and
+{stats["ties"]} ties, {stats["rows_without_user_embedding"]} rows of users without an embedding or held out for
+validation, and
 {stats["profile_rows"]} rows that built their user's embedding were left out; unreadable images were met
 {skipped_rows} times and passed over. User embeddings: `{args.user_embeddings}`, from the preference encoder
 
@@ -115,12 +119,18 @@ image = pipe("a lighthouse at dusk", preference_pairs=pairs).images[0]  # 4 (pro
     return ModelCard(content)
 
 
-def push_to_hub(args: PPDTrainingArguments) -> str:
-    """Uploads ``output_dir``: the adapter, its model card and the validation grids (not checkpoints or logs)."""
-    from huggingface_hub import create_repo, upload_folder
+def create_hub_repo(args: PPDTrainingArguments) -> str:
+    """Creates (or finds) the Hub repo of ``hub_model_id`` (default: the output folder's name); its full id."""
+    from huggingface_hub import create_repo
 
     repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+    return create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+
+
+def upload_adapter(args: PPDTrainingArguments, repo_id: str) -> None:
+    """Uploads ``output_dir``: the adapter, its model card and the validation grids (not checkpoints or logs)."""
+    from huggingface_hub import upload_folder
+
     upload_folder(
         repo_id=repo_id,
         folder_path=args.output_dir,
@@ -128,4 +138,3 @@ def push_to_hub(args: PPDTrainingArguments) -> str:
         commit_message="PPD user adapter",
         ignore_patterns=["checkpoint-*", "logs/*", "*.tmp/*"],
     )
-    return repo_id

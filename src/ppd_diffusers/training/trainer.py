@@ -165,7 +165,7 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     from ..adapter import UserAdapter
     from ..personalized_unet import PersonalizedStageC
     from ..pipeline_personalized_stable_cascade import PersonalizedStableCascadePipeline
-    from .model_card import adapter_model_card
+    from .model_card import adapter_model_card, create_hub_repo, upload_adapter
     from .validation import gather_adapter, log_validation
 
     logging_dir = os.path.join(args.output_dir, "logs")
@@ -184,9 +184,12 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    repo_id = None
     if accelerator.is_main_process:
         os.makedirs(logging_dir, exist_ok=True)
         prepare_output_dir(args.output_dir, checkpoint, os.path.join(logging_dir, METRICS_FILE))
+        # before training, so that a missing login fails now rather than after the run
+        repo_id = create_hub_repo(args) if args.push_to_hub else None
     accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- models
@@ -357,13 +360,13 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         trained.save_pretrained(args.output_dir)
         effective_batch = args.train_batch_size * accumulation * accelerator.num_processes
         card = adapter_model_card(
-            args, trained.config, pairs.stats, metrics, global_step, effective_batch, embedding_metadata, skipped_rows
-        )
+            args, trained.config, pairs.stats, metrics, global_step, effective_batch, embedding_metadata,
+            skipped_rows, repo_id,
+        )  # fmt: skip
         card.save(os.path.join(args.output_dir, "README.md"))
-        if args.push_to_hub:
-            from .model_card import push_to_hub
-
-            push_to_hub(args)
+        if repo_id is not None:
+            upload_adapter(args, repo_id)
+            logger.info("Uploaded the adapter to https://huggingface.co/%s", repo_id)
         logger.info("Saved the adapter to %s; unreadable images met %d times.", args.output_dir, skipped_rows)
     accelerator.end_training()
     return TrainingResult(
