@@ -328,3 +328,30 @@ def test_two_processes_train_the_same_weights(repos, tmp_path):
     saved = load_file(out / WEIGHTS)
     assert all(torch.equal(first[k], saved[k]) for k in first)
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "to_v_user" in k)  # trained, not the zero init
+
+
+def test_validation_grid_puts_the_base_model_first_then_each_user(repos):
+    from ppd_diffusers import PersonalizedStableCascadePipeline, UserAdapter
+    from ppd_diffusers.training import validation_grid
+
+    from .conftest import randomize_
+
+    pipe = PersonalizedStableCascadePipeline.from_stable_cascade(
+        prior_model_name_or_path=repos["prior"],
+        decoder_model_name_or_path=repos["decoder"],
+        resolution_multiple=8,
+        latent_dim_scale=2,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_user_adapter(randomize_(UserAdapter.from_unet(pipe.prior, user_embed_dim=8), std=0.3))
+    users = torch.cat([user_embedding_of("user0"), user_embedding_of("user1")]).unsqueeze(1)
+    call = dict(num_inference_steps=3, height=32, width=32)
+    grid = validation_grid(pipe, users, ["a cat", "a dog"], guidance_scale=2.0, seed=5, **call)
+    tiles = [[np.asarray(grid.crop((c * 32, r * 32, c * 32 + 32, r * 32 + 32)), dtype=float) for c in range(3)]
+             for r in range(2)]  # fmt: skip
+    assert grid.size == (3 * 32, 2 * 32)
+    for row, prompt in enumerate(["a cat", "a dog"]):
+        # column 0 is the plain base model from the row's seed; the users' columns differ from it and each other
+        base = pipe(prompt, guidance_scale=2.0, generator=torch.Generator().manual_seed(5 + row), **call).images[0]
+        assert np.abs(tiles[row][0] - np.asarray(base, dtype=float)).max() <= 1
+        assert np.abs(tiles[row][1] - tiles[row][0]).mean() > 1 and np.abs(tiles[row][2] - tiles[row][1]).mean() > 1
