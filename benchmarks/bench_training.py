@@ -47,10 +47,10 @@ from accelerate import Accelerator
 from bench_core import CONFIGS, LATENT_SIZE, TEXT_TOKENS
 from diffusers import StableCascadeUNet
 
-from ppd_diffusers import PPDLoss, UserAdapter
+from ppd_diffusers import UserAdapter
 from ppd_diffusers.personalized_unet import PersonalizedStageC
 from ppd_diffusers.training import PPDTrainingArguments
-from ppd_diffusers.training.trainer import _optimizer, _train_batch  # the trainer's own step (private, by design)
+from ppd_diffusers.training.trainer import _optimizer, _optimizer_step  # the trainer's own step (private, by design)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BASELINE = "fp32"  # frozen base stored in fp32 under bf16 autocast
@@ -110,7 +110,6 @@ def trainer_step(case: Case, args) -> tuple:
     optimizer = _optimizer(adapter, train_args)
     adapter, optimizer = accelerator.prepare(adapter, optimizer)
     model = PersonalizedStageC(prior, adapter)
-    loss_fn = PPDLoss(beta=train_args.beta_dpo)
 
     # what the data loader and the frozen text encoder would hand over, in the frozen models' dtype
     g = torch.Generator(device).manual_seed(0)
@@ -126,13 +125,7 @@ def trainer_step(case: Case, args) -> tuple:
     pipe = SimpleNamespace(prior=prior, encode_prompt=lambda captions, device, **kwargs: (text, pooled))
 
     def step() -> None:  # the body of train_ppd's loop, less the scheduler and logging
-        with accelerator.accumulate(adapter), accelerator.autocast():
-            out = _train_batch(batch, pipe, None, model, loss_fn, train_args, g, storage)
-            accelerator.backward(out.loss)
-            if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(adapter.parameters(), train_args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(accelerator, batch, pipe, None, model, adapter, optimizer, None, train_args, g, storage)
 
     return step, accelerator
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -234,7 +235,7 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(repos, tmp_pa
     prior = StableCascadeUNet.from_pretrained(repos["prior"], subfolder="prior")
     start = randomize_(UserAdapter.from_unet(prior, user_embed_dim=8, num_user_tokens=2, user_token_dim=16), std=0.05)
     start.save_pretrained(tmp_path / "start")
-    # 48 pairs in batches of 2, 5 batches per step: 5 steps an epoch, the last one of 4 batches
+    # 36 pairs in batches of 2, 5 batches per step: 4 steps an epoch, the last one of 3 batches
     common = dict(latents=False, image_encoder=str(tmp_path / "effnet"), resolution=170, max_train_steps=30)
     common.update(checkpointing_steps=3, checkpoints_total_limit=2, gradient_accumulation_steps=5, train_batch_size=2)
     common.update(adapter_name_or_path=str(tmp_path / "start"))
@@ -255,7 +256,7 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(repos, tmp_pa
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
     assert not (killed / WEIGHTS).exists()
-    # step 6 is the first of epoch 1: the resumed run reshuffles for that epoch and skips the batches of step 6
+    # step 6 is the second of epoch 1: the resumed run reshuffles for that epoch and skips its first 10 batches
     log = _run(_args(repos, killed, resume_from_checkpoint="latest", **common))
     assert "Resumed from" in log
     expected, resumed = load_file(whole / WEIGHTS), load_file(killed / WEIGHTS)
@@ -291,7 +292,7 @@ def test_output_dir_bookkeeping(tmp_path):
 def test_bf16_and_a_subset_of_the_pairs(repos, tmp_path):
     out = tmp_path / "bf16"
     log = _run(_args(repos, out, max_train_steps=3, mixed_precision="bf16", max_train_samples=10, train_batch_size=2))
-    assert "10 training pairs of 8 users" in log
+    assert re.search(r"10 training pairs of [1-6] users", log)  # 6 users train; a subset of 10 has fewer
     # a fresh adapter adds exact zeros, in bf16 too: the policy equals the reference
     assert _losses(out)[0] == pytest.approx(math.log(2), abs=1e-6)
     saved = load_file(out / WEIGHTS)

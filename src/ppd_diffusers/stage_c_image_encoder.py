@@ -81,6 +81,10 @@ def stage_c_latent_size(
 
     Returns:
         ``(latent_height, latent_width)``, e.g. ``(24, 24)`` for 1024 x 1024.
+
+    Examples:
+        >>> stage_c_latent_size(1024, 1024), stage_c_latent_size(1024, 1536)
+        ((24, 24), (24, 36))
     """
     height, width = _positive_int(height, "height"), _positive_int(width, "width")
     return math.ceil(height / resolution_multiple), math.ceil(width / resolution_multiple)
@@ -93,6 +97,10 @@ def effnet_input_size(height: int = 1024, width: int = 1024) -> tuple[int, int]:
 
     Returns:
         ``(input_height, input_width)``.
+
+    Examples:
+        >>> effnet_input_size(1024, 1024)
+        (768, 768)
     """
     latent_height, latent_width = stage_c_latent_size(height, width)
     return latent_height * EFFNET_DOWNSAMPLING, latent_width * EFFNET_DOWNSAMPLING

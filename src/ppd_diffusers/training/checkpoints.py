@@ -73,10 +73,26 @@ def prepare_output_dir(output_dir: str, checkpoint: str | None, metrics_file: st
         if step_of(newer) > step:
             shutil.rmtree(newer)
     if os.path.exists(metrics_file):
-        with open(metrics_file) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [json.dumps(record) + "\n" for record in _metric_records(metrics_file) if record["step"] <= step]
         with open(metrics_file, "w") as f:
             f.writelines(kept)
+
+
+def _metric_records(metrics_file: str) -> list[dict]:
+    records = []
+    with open(metrics_file) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # the line being written when the run was killed
+                continue
+    return records
+
+
+def last_metrics(metrics_file: str) -> dict[str, float]:
+    """The metrics of the last logged step (without ``step``), or ``{}``."""
+    records = _metric_records(metrics_file) if os.path.exists(metrics_file) else []
+    return {k: v for k, v in records[-1].items() if k != "step"} if records else {}
 
 
 def save_checkpoint(accelerator: Any, output_dir: str, step: int, total_limit: int | None = None) -> str:

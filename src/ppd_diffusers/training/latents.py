@@ -16,6 +16,7 @@ import torch
 
 from ..preference_pairs import load_rgb_image
 from ..stage_c_image_encoder import StageCImageEncoder, stage_c_latent_size
+from .pickapic import undecoded_images
 
 __all__ = ["add_stage_c_latents", "count_unreadable_rows"]
 
@@ -130,11 +131,7 @@ def add_stage_c_latents(
         )
 
     # decoding inside `datasets` would raise on the first corrupt image: hand the raw bytes to `_encode_rows`
-    decoded = [
-        c for c in image_columns if isinstance(dataset.features[c], datasets.Image) and dataset.features[c].decode
-    ]
-    for column in decoded:
-        dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    dataset, decoded = undecoded_images(dataset, image_columns)
 
     latent_feature = datasets.Array3D(
         shape=(image_encoder.config.latent_channels, latent_height, latent_width), dtype=dtype
@@ -178,7 +175,14 @@ def add_stage_c_latents(
 
 
 def count_unreadable_rows(dataset: Any, ok_column: str = "latents_ok") -> int:
-    """Rows of a dataset made by ``add_stage_c_latents`` whose ``ok_column`` is False."""
+    """Rows of a dataset made by ``add_stage_c_latents`` whose ``ok_column`` is False.
+
+    Examples:
+        ```py
+        pairs = add_stage_c_latents(pairs, encoder)
+        count_unreadable_rows(pairs)  # rows training will skip
+        ```
+    """
     ok = dataset.with_format("numpy", columns=[ok_column])[:][ok_column]
     return len(dataset) - int(np.count_nonzero(ok))
 

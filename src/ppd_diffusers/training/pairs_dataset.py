@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..preference_pairs import load_rgb_image
-from .pickapic import UserDraw, read_columns
+from .pickapic import UserDraw, _read_columns, undecoded_images
 
 __all__ = ["PairStats", "PreferencePairsDataset", "collate_preference_pairs"]
 
@@ -49,6 +49,12 @@ class PairStats:
         profile_rows: Rows that are part of every embedding of their user, dropped.
         pairs: Training pairs kept.
         users: Users with at least one training pair.
+
+    Examples:
+        ```py
+        PreferencePairsDataset(dataset, embeddings, draws).stats
+        # PairStats(rows=88, ties=8, rows_without_user_embedding=20, profile_rows=24, pairs=36, users=6)
+        ```
     """
 
     rows: int = 0
@@ -128,7 +134,7 @@ class PreferencePairsDataset(Dataset):
         self.rows, self.embedding_of_row, self.stats = self._plan(dataset, set(exclude_users), seed)
 
     def _plan(self, dataset: Any, exclude: set, seed: int) -> tuple[np.ndarray, np.ndarray, PairStats]:
-        user_ids, labels = read_columns(dataset, ("user_id", "label_0"))
+        user_ids, labels = _read_columns(dataset, ("user_id", "label_0"))
         draws_of_user: dict[Any, list[int]] = defaultdict(list)
         for index, draw in enumerate(self.draws):
             for row in draw.rows:
@@ -141,7 +147,7 @@ class PreferencePairsDataset(Dataset):
             if draw.user_id not in exclude:
                 draws_of_user[draw.user_id].append(index)
         stats = PairStats(rows=len(labels))
-        rows, embedding_of_row, users = [], [], set()
+        rows, embedding_of_row, users, self._user_of_pair = [], [], set(), []
         for row, (user_id, label) in enumerate(zip(user_ids, labels, strict=True)):
             if label == 0.5:
                 stats.ties += 1
@@ -155,6 +161,7 @@ class PreferencePairsDataset(Dataset):
                 stats.profile_rows += 1
                 continue
             rows.append(row)
+            self._user_of_pair.append(user_id)
             embedding_of_row.append(allowed[_pick(seed, row, len(allowed))])
             users.add(user_id)
         stats.pairs, stats.users = len(rows), len(users)
@@ -163,9 +170,14 @@ class PreferencePairsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def users_of(self, indices: Sequence[int]) -> list:
+        """The user of each of the given training pairs."""
+        return [self._user_of_pair[i] for i in indices]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if len(self) == 0:
-            raise IndexError("The dataset has no training pairs.")
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"Training pair {index} out of range: the dataset has {len(self)}.")
+        index %= len(self)
         for skipped in range(len(self)):
             position = (index + skipped) % len(self)
             example = self._example(position)
@@ -195,7 +207,7 @@ class PreferencePairsDataset(Dataset):
         try:
             chosen = load_rgb_image(row[f"jpg_{first}"], f"row {row_index} jpg_{first}")
             rejected = load_rgb_image(row[f"jpg_{second}"], f"row {row_index} jpg_{second}")
-        except ValueError as error:
+        except Exception as error:  # PIL's decoders raise assorted types on malformed files: none may stop a run
             logger.warning("Skipping dataset row %d: %s", row_index, error)
             return None
         example["pixels_chosen"] = self.image_transform(chosen)
@@ -207,25 +219,26 @@ def _without_decoding(dataset: Any, precomputed_latents: bool) -> Any:
     """The columns training reads, images as raw bytes (so a corrupt file is caught here, not in ``datasets``)."""
     if not hasattr(dataset, "cast_column"):
         return dataset
-    import datasets
-
     images = [c for c in IMAGE_COLUMNS if c in dataset.column_names]
     if precomputed_latents:
         # numpy arrays of the stored dtype, not nested Python lists; the images are not needed
         return dataset.remove_columns(images).with_format(
             "numpy", columns=list(LATENT_COLUMNS), output_all_columns=True
         )
-    for column in images:
-        feature = dataset.features[column]
-        if isinstance(feature, datasets.Image) and feature.decode:
-            dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    return dataset
+    return undecoded_images(dataset, images)[0]
 
 
 def collate_preference_pairs(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stacks ``PreferencePairsDataset`` examples into a batch; ``skipped`` becomes the batch's total.
 
     Tensors are stacked along a new first dimension; ``caption``, ``user_id`` and ``row`` stay lists.
+
+    Examples:
+        >>> import torch
+        >>> examples = [{"caption": c, "user_embeds": torch.ones(1, 8), "skipped": n} for c, n in zip("ab", (0, 2))]
+        >>> batch = collate_preference_pairs(examples)
+        >>> batch["caption"], tuple(batch["user_embeds"].shape), batch["skipped"]
+        (['a', 'b'], (2, 1, 8), 2)
     """
     batch: dict[str, Any] = {"skipped": sum(e["skipped"] for e in examples)}
     for key in examples[0]:

@@ -48,12 +48,26 @@ class DrawStats:
     per_user_pairs: dict[Any, int] = field(default_factory=dict, repr=False)
 
 
-def read_columns(dataset: Any, names: Sequence[str]) -> list[list]:
+def _read_columns(dataset: Any, names: Sequence[str]) -> list[list]:
     """The given columns as Python lists, read in one go (not row by row) from a ``datasets.Dataset``."""
     if hasattr(dataset, "select_columns"):
         table = dataset.select_columns(list(names))[:]
         return [table[name] for name in names]
     return [list(dataset[name]) for name in names]
+
+
+def undecoded_images(dataset: Any, columns: Sequence[str]) -> tuple[Any, list[str]]:
+    """``dataset`` with its ``datasets.Image`` columns among ``columns`` read as raw bytes, and those columns.
+
+    ``datasets`` decodes such columns when a row is read and raises on a corrupt file; raw bytes let the
+    caller decode, catch and count instead. Cast the returned columns back with ``datasets.Image()``.
+    """
+    import datasets
+
+    decoded = [c for c in columns if isinstance(dataset.features[c], datasets.Image) and dataset.features[c].decode]
+    for column in decoded:
+        dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset, decoded
 
 
 def _user_seed(seed: int, user_id: Any) -> np.random.Generator:
@@ -83,7 +97,7 @@ def sample_user_draws(
     """
     if num_pairs < 1 or draws < 1:
         raise ValueError(f"`num_pairs` and `draws` must be positive integers, got {num_pairs} and {draws}.")
-    user_ids, labels = read_columns(dataset, ("user_id", "label_0"))
+    user_ids, labels = _read_columns(dataset, ("user_id", "label_0"))
     stats = DrawStats(rows=len(labels))
     rows_of_user: dict[Any, list[int]] = defaultdict(list)
     for row, (user_id, label) in enumerate(zip(user_ids, labels, strict=True)):

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 
 from ..loss import PPDLoss
 from .arguments import PPDTrainingArguments
-from .checkpoints import prepare_output_dir, resolve_resume, save_checkpoint, step_of
+from .checkpoints import last_metrics, prepare_output_dir, resolve_resume, save_checkpoint, step_of
 from .dpo_step import ppd_dpo_step
 from .pairs_dataset import PreferencePairsDataset, collate_preference_pairs
 from .pickapic import load_pickapic_dataset
@@ -48,7 +48,13 @@ class TrainingResult:
         pair_stats: How the dataset's rows were sorted (see ``PairStats``), as a dict.
         skipped_rows: Reads of rows with an unreadable image during this run (passed over), summed over processes.
         final_metrics: Metrics of the last step (``loss``, ``implicit_accuracy``, ``lr``...).
-        adapter: The trained adapter (fp32, unwrapped), as saved.
+        adapter: The trained adapter (fp32, unwrapped); on the main process exactly the saved weights.
+
+    Examples:
+        ```py
+        result = train_ppd(args)
+        result.global_step, result.final_metrics["loss"], result.pair_stats["pairs"]
+        ```
     """
 
     global_step: int
@@ -130,6 +136,22 @@ def _train_batch(batch, pipe, image_encoder, model, loss_fn, args, generator, we
     )
 
 
+def _optimizer_step(accelerator, batch, pipe, image_encoder, model, adapter, optimizer, lr_scheduler, args, generator,
+                    weight_dtype):  # fmt: skip
+    """One micro-batch inside ``accumulate``: loss, backward and, at the end of an accumulation, clip and step."""
+    with accelerator.accumulate(adapter), accelerator.autocast():
+        loss_fn = PPDLoss(beta=args.beta_dpo)
+        out = _train_batch(batch, pipe, image_encoder, model, loss_fn, args, generator, weight_dtype)
+        accelerator.backward(out.loss)
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
+        optimizer.step()
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     """Trains a ``UserAdapter`` for many users at once with the user-conditioned Diffusion-DPO loss.
 
@@ -158,7 +180,7 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         ```
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -195,9 +217,10 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     # ---------------------------------------------------------------- models
     # Stage B and A only make the validation images, which the main process draws
     validating = args.decoder_model_name_or_path is not None and args.num_validation_users > 0
+    draws_grids = validating and accelerator.is_main_process
     pipe = PersonalizedStableCascadePipeline.from_stable_cascade(
         prior_model_name_or_path=args.pretrained_model_name_or_path,
-        decoder_model_name_or_path=args.decoder_model_name_or_path if accelerator.is_main_process else None,
+        decoder_model_name_or_path=args.decoder_model_name_or_path if draws_grids else None,
         prior_subfolder=args.prior_subfolder,
         torch_dtype=weight_dtype,
         variant=args.variant,
@@ -235,7 +258,8 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     # ---------------------------------------------------------------- data
     with accelerator.main_process_first():  # one download or cache build, then the others read it
         dataset = load_pickapic_dataset(args.dataset_name, args.dataset_split)
-    held_out = _validation_users(draws, args.num_validation_users, args.seed) if validating else []
+    # held out whether or not grids are drawn, so the training pairs never depend on the validation settings
+    held_out = _validation_users(draws, args.num_validation_users, args.seed)
     image_encoder, image_transform = None, None
     columns = dataset.column_names
     if not {"latents_0", "latents_1"} <= set(columns):
@@ -247,9 +271,11 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     if len(pairs) == 0:
         raise ValueError(f"No training pairs in `{args.dataset_name}`: {pairs.stats}.")
     train_set: torch.utils.data.Dataset = pairs
+    stats = pairs.stats
     if args.max_train_samples is not None and args.max_train_samples < len(pairs):
         chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))
         train_set = torch.utils.data.Subset(pairs, chosen[: args.max_train_samples].tolist())
+        stats = replace(stats, pairs=len(train_set), users=len(set(pairs.users_of(train_set.indices))))
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=args.train_batch_size,
@@ -261,8 +287,12 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     )
 
     # ---------------------------------------------------------------- optimisation
-    optimizer = _optimizer(adapter, args)
-    adapter, optimizer, loader = accelerator.prepare(adapter, optimizer, loader)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP replaces the parameters: the optimizer must be built on the wrapped ones
+        adapter = accelerator.prepare(adapter)
+        optimizer, loader = accelerator.prepare(_optimizer(adapter, args), loader)
+    else:  # DeepSpeed needs the model and its optimizer in one call
+        adapter, optimizer, loader = accelerator.prepare(adapter, _optimizer(adapter, args), loader)
     if len(loader) == 0:
         raise ValueError(
             f"{len(train_set)} training pairs make no full batch of {args.train_batch_size} pairs in each of "
@@ -283,15 +313,16 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         )
     )
     model = PersonalizedStageC(pipe.prior, adapter)
-    loss_fn = PPDLoss(beta=args.beta_dpo)
 
     if accelerator.is_main_process:
+        # never the Hub token: trackers store (and wandb uploads) their config
         config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()}
+        config.pop("hub_token")
         accelerator.init_trackers(args.tracker_project_name, config=config)
         logger.info(
             "%d training pairs of %d users (%s); %d held-out users; %d steps of %d pairs (%d per process x %d "
             "accumulation x %d processes).",
-            len(train_set), pairs.stats.users, pairs.stats, len(held_out), max_train_steps,
+            len(train_set), stats.users, stats, len(held_out), max_train_steps,
             args.train_batch_size * accumulation * accelerator.num_processes,
             args.train_batch_size, accumulation, accelerator.num_processes,
         )  # fmt: skip
@@ -307,7 +338,8 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     progress = tqdm(
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    skipped_rows, running, metrics = 0, [], {}
+    skipped_rows, running = 0, []
+    metrics = last_metrics(os.path.join(logging_dir, METRICS_FILE)) if checkpoint is not None else {}
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
             break
@@ -318,14 +350,10 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         for batch_index, batch in enumerate(epoch_loader, start=batches_to_skip if epoch == first_epoch else 0):
             generator = torch.Generator(accelerator.device)
             generator.manual_seed(_seed_of(args.seed, epoch, batch_index, accelerator.process_index))
-            with accelerator.accumulate(adapter), accelerator.autocast():
-                out = _train_batch(batch, pipe, image_encoder, model, loss_fn, args, generator, weight_dtype)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            out = _optimizer_step(
+                accelerator, batch, pipe, image_encoder, model, adapter, optimizer, lr_scheduler, args, generator,
+                weight_dtype,
+            )  # fmt: skip
             running.append(torch.stack([out.loss.detach().float(), out.implicit_accuracy.detach().float()]))
             skipped_rows += batch["skipped"]
             if not accelerator.sync_gradients:
@@ -360,7 +388,7 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         trained.save_pretrained(args.output_dir)
         effective_batch = args.train_batch_size * accumulation * accelerator.num_processes
         card = adapter_model_card(
-            args, trained.config, pairs.stats, metrics, global_step, effective_batch, embedding_metadata,
+            args, trained.config, stats, metrics, global_step, effective_batch, embedding_metadata,
             skipped_rows, repo_id,
         )  # fmt: skip
         card.save(os.path.join(args.output_dir, "README.md"))
@@ -372,7 +400,7 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     return TrainingResult(
         global_step=global_step,
         adapter_path=args.output_dir,
-        pair_stats=asdict(pairs.stats),
+        pair_stats=asdict(stats),
         skipped_rows=skipped_rows,
         final_metrics=metrics,
         adapter=trained,

@@ -38,6 +38,13 @@ def validation_grid(
 
     Returns:
         The grid as a ``PIL.Image``.
+
+    Examples:
+        ```py
+        pipe.load_user_adapter("ppd-adapter")
+        grid = validation_grid(pipe, user_embeds[:4], ["a lighthouse at dusk", "a bowl of fruit"])
+        grid.save("grid.png")  # 2 rows; columns: base model, then the 4 users
+        ```
     """
     from diffusers.utils import make_image_grid
 
