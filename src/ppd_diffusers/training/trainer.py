@@ -81,6 +81,23 @@ def _effnet_pixels(image: Any, height: int, width: int) -> torch.Tensor:
     return preprocess_images([image], height=height, width=width)[0]
 
 
+def _check_latent_size(pairs: PreferencePairsDataset, args: PPDTrainingArguments) -> None:
+    """Warns when the training latents are not the size the pipeline generates at ``resolution``."""
+    from ..stage_c_image_encoder import stage_c_latent_size
+
+    generated = (math.ceil(args.resolution / args.resolution_multiple),) * 2
+    if pairs.precomputed_latents:
+        trained = tuple(pairs[0]["latents_chosen"].shape[-2:])
+    else:
+        trained = stage_c_latent_size(args.resolution, args.resolution)
+    if trained != generated:
+        logger.warning(
+            "Training latents are %s but the pipeline generates %s at `resolution` %d with `resolution_multiple` "
+            "%s: validation images (and later generation) run at another size than training.",
+            "x".join(map(str, trained)), "x".join(map(str, generated)), args.resolution, args.resolution_multiple,
+        )  # fmt: skip
+
+
 def _load_image_encoder(args: PPDTrainingArguments, device: torch.device, dtype: torch.dtype):
     from ..stage_c_image_encoder import StageCImageEncoder
 
@@ -268,6 +285,7 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     pairs = PreferencePairsDataset(
         dataset, user_embeddings, draws, image_transform=image_transform, exclude_users=held_out, seed=args.seed
     )
+    _check_latent_size(pairs, args)
     if len(pairs) == 0:
         raise ValueError(f"No training pairs in `{args.dataset_name}`: {pairs.stats}.")
     train_set: torch.utils.data.Dataset = pairs
