@@ -47,7 +47,7 @@ from accelerate import Accelerator
 from bench_core import CONFIGS, LATENT_SIZE, TEXT_TOKENS
 from diffusers import StableCascadeUNet
 
-from ppd_diffusers import UserAdapter
+from ppd_diffusers import PPDLoss, UserAdapter
 from ppd_diffusers.personalized_unet import PersonalizedStageC
 from ppd_diffusers.training import PPDTrainingArguments
 from ppd_diffusers.training.trainer import _optimizer, _optimizer_step  # the trainer's own step (private, by design)
@@ -124,8 +124,12 @@ def trainer_step(case: Case, args) -> tuple:
     pooled = torch.randn(case.pairs, 1, c.clip_text_pooled_in_channels, generator=g, device=device).to(storage)
     pipe = SimpleNamespace(prior=prior, encode_prompt=lambda captions, device, **kwargs: (text, pooled))
 
+    loss_fn = PPDLoss(beta=train_args.beta_dpo)
+
     def step() -> None:  # the body of train_ppd's loop, less the scheduler and logging
-        _optimizer_step(accelerator, batch, pipe, None, model, adapter, optimizer, None, train_args, g, storage)
+        _optimizer_step(
+            accelerator, batch, pipe, None, model, loss_fn, adapter, optimizer, None, train_args, g, storage
+        )
 
     return step, accelerator
 

@@ -18,6 +18,8 @@ import torch
 from ppd_diffusers import PreferenceEncoder
 from ppd_diffusers.training import load_user_embeddings, pair_from_row, sample_user_draws
 
+from .toy_pickapic import write_parquet
+
 ROOT = Path(__file__).resolve().parents[1]
 # user -> (non-tied pairs, ties); "carol" has too few pairs for a draw of 4
 USERS = {"alice": (6, 2), "bob": (4, 0), "carol": (2, 0), "dave": (5, 1), "erin": (4, 0)}
@@ -47,11 +49,7 @@ def pickapic_rows(seed: int = 0) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def dataset_file(tmp_path_factory) -> str:
-    import datasets
-
-    path = tmp_path_factory.mktemp("pickapic") / "train.parquet"
-    datasets.Dataset.from_dict(pickapic_rows()).to_parquet(path)
-    return str(path)
+    return write_parquet(tmp_path_factory.mktemp("pickapic") / "train.parquet", pickapic_rows())
 
 
 def test_draws_drop_ties_skip_small_users_and_are_reproducible():

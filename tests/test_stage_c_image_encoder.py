@@ -25,6 +25,8 @@ from ppd_diffusers.stage_c_image_encoder import (
     stage_c_latent_size,
 )
 
+from .toy_pickapic import write_parquet
+
 ROOT = Path(__file__).resolve().parents[1]
 # a 128 px Stage C image is a 3x3 latent grid encoded from 96 px: real forwards that stay cheap on a CPU
 SMALL = 128
@@ -267,11 +269,7 @@ def pickapic_rows(seed: int = 0) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def dataset_file(tmp_path_factory) -> str:
-    import datasets
-
-    path = tmp_path_factory.mktemp("pickapic") / "train.parquet"
-    datasets.Dataset.from_dict(pickapic_rows()).to_parquet(path)
-    return str(path)
+    return write_parquet(tmp_path_factory.mktemp("pickapic") / "train.parquet", pickapic_rows())
 
 
 def test_add_stage_c_latents_marks_corrupt_rows_and_matches_encode(encoder, dataset_file, tmp_path, caplog):

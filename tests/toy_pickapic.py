@@ -65,6 +65,14 @@ def user_embedding_of(user_id: str) -> torch.Tensor:
     return torch.full((1, USER_DIM), sign)
 
 
+def write_parquet(path: str | os.PathLike, rows: dict[str, list]) -> str:
+    """Writes Pick-a-Pic-format ``rows`` (column name -> values) as a parquet file; returns its path."""
+    import datasets
+
+    datasets.Dataset.from_dict(rows).to_parquet(path)
+    return str(path)
+
+
 def write_toy_data(folder: str | os.PathLike, **kwargs) -> dict[str, str]:
     """Writes ``pickapic.parquet`` (images only), ``pickapic_latents/`` (``save_to_disk`` with latents) and
     ``user_embeddings.safetensors`` (one draw of 4 pairs per user); returns their paths."""
@@ -77,7 +85,7 @@ def write_toy_data(folder: str | os.PathLike, **kwargs) -> dict[str, str]:
         "latents": os.path.join(folder, "pickapic_latents"),
         "user_embeddings": os.path.join(folder, "user_embeddings.safetensors"),
     }
-    datasets.Dataset.from_dict(images_only).to_parquet(paths["images"])
+    write_parquet(paths["images"], images_only)
     datasets.Dataset.from_dict(rows).save_to_disk(paths["latents"])
     draws, _ = sample_user_draws(rows, num_pairs=4, draws=1, seed=0)
     embeddings = torch.stack([user_embedding_of(d.user_id) for d in draws])

@@ -15,7 +15,6 @@ and again when the row before it is also unreadable.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..preference_pairs import load_rgb_image
-from .pickapic import UserDraw, _read_columns, undecoded_images
+from .pickapic import UserDraw, _read_columns, stable_seed, undecoded_images
 
 __all__ = ["PairStats", "PreferencePairsDataset", "collate_preference_pairs"]
 
@@ -63,11 +62,6 @@ class PairStats:
     profile_rows: int = 0
     pairs: int = 0
     users: int = 0
-
-
-def _pick(seed: int, row: int, choices: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{row}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % choices
 
 
 class PreferencePairsDataset(Dataset):
@@ -162,7 +156,7 @@ class PreferencePairsDataset(Dataset):
                 continue
             rows.append(row)
             self._user_of_pair.append(user_id)
-            embedding_of_row.append(allowed[_pick(seed, row, len(allowed))])
+            embedding_of_row.append(allowed[stable_seed(seed, row) % len(allowed)])
             users.add(user_id)
         stats.pairs, stats.users = len(rows), len(users)
         return np.asarray(rows, dtype=np.int64), np.asarray(embedding_of_row, dtype=np.int64), stats

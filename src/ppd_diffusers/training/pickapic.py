@@ -70,10 +70,15 @@ def undecoded_images(dataset: Any, columns: Sequence[str]) -> tuple[Any, list[st
     return dataset, decoded
 
 
+def stable_seed(*parts: Any) -> int:
+    """A 64-bit seed from ``parts`` (through ``str``), the same in every process and Python run (unlike ``hash``)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 def _user_seed(seed: int, user_id: Any) -> np.random.Generator:
     # depends on the user only: adding, removing or reordering other users changes nothing
-    digest = hashlib.sha256(f"{seed}:{user_id!r}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return np.random.default_rng(stable_seed(seed, repr(user_id)))
 
 
 def sample_user_draws(

@@ -12,7 +12,6 @@ the batches already seen, and each batch's noise, timesteps and dropout come fro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from .arguments import PPDTrainingArguments
 from .checkpoints import last_metrics, prepare_output_dir, resolve_resume, save_checkpoint, step_of
 from .dpo_step import ppd_dpo_step
 from .pairs_dataset import PreferencePairsDataset, collate_preference_pairs
-from .pickapic import load_pickapic_dataset
+from .pickapic import load_pickapic_dataset, stable_seed
 from .user_embeddings import load_user_embeddings
 
 __all__ = ["TrainingResult", "train_ppd"]
@@ -65,13 +64,8 @@ class TrainingResult:
     adapter: Any = field(default=None, repr=False)
 
 
-def _seed_of(*parts: Any) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def _validation_users(draws: list, count: int, seed: int) -> list:
-    users = sorted({d.user_id for d in draws}, key=lambda u: _seed_of(seed, "validation", repr(u)))
+    users = sorted({d.user_id for d in draws}, key=lambda u: stable_seed(seed, "validation", repr(u)))
     return users[:count]
 
 
@@ -153,11 +147,10 @@ def _train_batch(batch, pipe, image_encoder, model, loss_fn, args, generator, we
     )
 
 
-def _optimizer_step(accelerator, batch, pipe, image_encoder, model, adapter, optimizer, lr_scheduler, args, generator,
-                    weight_dtype):  # fmt: skip
+def _optimizer_step(accelerator, batch, pipe, image_encoder, model, loss_fn, adapter, optimizer, lr_scheduler, args,
+                    generator, weight_dtype):  # fmt: skip
     """One micro-batch inside ``accumulate``: loss, backward and, at the end of an accumulation, clip and step."""
     with accelerator.accumulate(adapter), accelerator.autocast():
-        loss_fn = PPDLoss(beta=args.beta_dpo)
         out = _train_batch(batch, pipe, image_encoder, model, loss_fn, args, generator, weight_dtype)
         accelerator.backward(out.loss)
         if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -331,6 +324,7 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         )
     )
     model = PersonalizedStageC(pipe.prior, adapter)
+    loss_fn = PPDLoss(beta=args.beta_dpo)
 
     if accelerator.is_main_process:
         # never the Hub token: trackers store (and wandb uploads) their config
@@ -367,10 +361,10 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
             epoch_loader = accelerator.skip_first_batches(loader, batches_to_skip)
         for batch_index, batch in enumerate(epoch_loader, start=batches_to_skip if epoch == first_epoch else 0):
             generator = torch.Generator(accelerator.device)
-            generator.manual_seed(_seed_of(args.seed, epoch, batch_index, accelerator.process_index))
+            generator.manual_seed(stable_seed(args.seed, epoch, batch_index, accelerator.process_index))
             out = _optimizer_step(
-                accelerator, batch, pipe, image_encoder, model, adapter, optimizer, lr_scheduler, args, generator,
-                weight_dtype,
+                accelerator, batch, pipe, image_encoder, model, loss_fn, adapter, optimizer, lr_scheduler, args,
+                generator, weight_dtype,
             )  # fmt: skip
             running.append(torch.stack([out.loss.detach().float(), out.implicit_accuracy.detach().float()]))
             skipped_rows += batch["skipped"]

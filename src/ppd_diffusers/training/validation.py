@@ -48,10 +48,9 @@ def validation_grid(
     """
     from diffusers.utils import make_image_grid
 
-    users = user_embeds.shape[0]
+    users, device = user_embeds.shape[0], pipe._execution_device
     images = []
     for row, prompt in enumerate(prompts):
-        device = pipe._execution_device
         generators = [torch.Generator(device).manual_seed(seed + row) for _ in range(users + 1)]
         # the base column reuses the first user's embedding at preference scale 0: the plain base model
         out = pipe(
