@@ -94,6 +94,32 @@ def model_only(encoder: PreferenceEncoder, users) -> partial:
     return partial(encoder.model, **inputs, use_cache=False)
 
 
+def time_encoders(path: str, layers: int, users, dtype: torch.dtype, device: str, rounds: int, warmup: int) -> list:
+    """Per-user time of the full-depth encoder and of one truncated at ``layers // 2``, interleaved.
+
+    Each row: ``layer``, ``layers_built``, ``tokens_per_user``, ``ms_per_user`` (tokenization, PIL
+    preprocessing and forward) and ``model_ms_per_user`` (the forward pass on prepared inputs).
+    """
+    encoders = {layer: load(path, layer, dtype, device) for layer in (-1, layers // 2)}
+    fns = {}
+    for layer, encoder in encoders.items():
+        fns[("encode", layer)] = partial(encoder.encode, users, batch_size=len(users))
+        fns[("model", layer)] = model_only(encoder, users)
+    with torch.no_grad():
+        seconds = interleaved_median(fns, device, rounds, warmup)
+    tokens = encoders[-1].prepare_inputs(as_user_pairs(users[:1]))["input_ids"].shape[1]
+    return [
+        {
+            "layer": layer,
+            "layers_built": len(encoder.model.language_model.layers),
+            "tokens_per_user": tokens,
+            "ms_per_user": 1e3 * seconds[("encode", layer)] / len(users),
+            "model_ms_per_user": 1e3 * seconds[("model", layer)] / len(users),
+        }
+        for layer, encoder in encoders.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="scaled-down layout, CPU, fp32")
@@ -114,32 +140,12 @@ def main() -> None:
         return
 
     sizes = SMALL if args.small else LLAVA_ONEVISION_0_5B
-    layers = sizes["text_layers"]
     users = random_users(args.users)
     with tempfile.TemporaryDirectory() as path:
         save_random_llava_onevision(path, dtype=dtype, **sizes)
-        encoders = {layer: load(path, layer, dtype, args.device) for layer in (-1, layers // 2)}
-        fns = {}
-        for layer, encoder in encoders.items():
-            fns[("encode", layer)] = partial(encoder.encode, users, batch_size=args.users)
-            fns[("model", layer)] = model_only(encoder, users)
-        with torch.no_grad():
-            seconds = interleaved_median(fns, args.device, args.rounds, args.warmup)
-        tokens = encoders[-1].prepare_inputs(as_user_pairs(users[:1]))["input_ids"].shape[1]
-        built = {layer: len(encoder.model.language_model.layers) for layer, encoder in encoders.items()}
-        del encoders, fns
-        rows = []
-        for layer in built:
-            rows.append(
-                {
-                    "layer": layer,
-                    "layers_built": built[layer],
-                    "tokens_per_user": tokens,
-                    "ms_per_user": 1e3 * seconds[("encode", layer)] / args.users,
-                    "model_ms_per_user": 1e3 * seconds[("model", layer)] / args.users,
-                    "peak_gib": peak_memory(args, path, layer, dtype, users) / 2**30,
-                }
-            )
+        rows = time_encoders(path, sizes["text_layers"], users, dtype, args.device, args.rounds, args.warmup)
+        for row in rows:
+            row["peak_gib"] = peak_memory(args, path, row["layer"], dtype, users) / 2**30
     for row in rows:
         row["time_vs_full"] = row["ms_per_user"] / rows[0]["ms_per_user"]
         row["model_time_vs_full"] = row["model_ms_per_user"] / rows[0]["model_ms_per_user"]

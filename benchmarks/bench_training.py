@@ -48,6 +48,7 @@ from bench_core import CONFIGS, LATENT_SIZE, TEXT_TOKENS
 from diffusers import StableCascadeUNet
 
 from ppd_diffusers import PPDLoss, UserAdapter
+from ppd_diffusers._stable_cascade import compile_blocks
 from ppd_diffusers.personalized_unet import PersonalizedStageC
 from ppd_diffusers.training import PPDTrainingArguments
 from ppd_diffusers.training.trainer import _optimizer, _optimizer_step  # the trainer's own step (private, by design)
@@ -64,10 +65,12 @@ class Case:
     checkpointing: bool
     storage: str  # dtype of the frozen Stage C weights; autocast is bf16 either way
     pairs: int
+    compiled: bool = False  # train_ppd's --torch_compile
 
     @property
     def key(self) -> str:
-        return f"{self.config}/{'ckpt' if self.checkpointing else 'no-ckpt'}/{self.storage}/{self.pairs}"
+        key = f"{self.config}/{'ckpt' if self.checkpointing else 'no-ckpt'}/{self.storage}/{self.pairs}"
+        return key + ("/compiled" if self.compiled else "")
 
 
 @contextlib.contextmanager
@@ -90,6 +93,7 @@ def trainer_step(case: Case, args) -> tuple:
         train_batch_size=case.pairs,
         mixed_precision="bf16",
         gradient_checkpointing=case.checkpointing,
+        torch_compile=case.compiled,
         num_user_tokens=args.user_tokens,
         user_token_dim=args.user_token_dim,
     )
@@ -99,6 +103,8 @@ def trainer_step(case: Case, args) -> tuple:
     prior.requires_grad_(False).eval()
     if train_args.gradient_checkpointing:
         prior.enable_gradient_checkpointing()
+    if train_args.torch_compile:
+        compile_blocks(prior)
     adapter = UserAdapter.from_unet(
         prior, args.user_dim, num_user_tokens=train_args.num_user_tokens, user_token_dim=train_args.user_token_dim
     )

@@ -224,8 +224,12 @@ def test_bad_inputs_raise_clear_errors(unet, adapter):
     model, inputs = adapter.attach(unet), unet_inputs(unet)
     with pytest.raises(ValueError, match=r"`user_embeds` must have shape \(batch, tokens, 24\).*got \(3, 2, 7\)"):
         model(**inputs, user_embeds=torch.randn(3, 2, 7))
-    with pytest.raises(ValueError, match="2 users for a batch of 3 samples"):
+    with pytest.raises(ValueError, match="2 users for 3 samples with a user"):
         model(**inputs, user_embeds=_users(2))
+    with pytest.raises(ValueError, match="3 users for 2 samples with a user"):
+        model(**inputs, user_embeds=_users(3), user_rows=2)
+    with pytest.raises(ValueError, match="`user_rows` must be between 0 and the batch size 3, got 4"):
+        model(**inputs, user_embeds=_users(3), user_rows=4)
     with pytest.raises(ValueError, match="either `user_embeds` or `user_kv`"):
         model(**inputs, user_embeds=_users(3), user_kv=adapter(_users(3)))
     with pytest.raises(ValueError, match=r"`scale` must be a float or a \(batch,\) tensor matching the 3 users"):

@@ -28,7 +28,7 @@ from diffusers.models.unets.unet_stable_cascade import (
 
 from .attention import decoupled_attention
 
-__all__ = ["attention_block_shapes", "attention_blocks", "stage_c_forward"]
+__all__ = ["attention_block_shapes", "attention_blocks", "compile_blocks", "stage_c_forward"]
 
 
 def attention_blocks(unet: StableCascadeUNet) -> list[SDCascadeAttnBlock]:
@@ -59,16 +59,42 @@ class _PersonalizedAttnBlock(torch.nn.Module):
         clip: torch.Tensor,
         user_key: torch.Tensor,
         user_value: torch.Tensor,
+        user_rows: int | None = None,
     ) -> torch.Tensor:
         kv = block.kv_mapper(clip)
         norm_x = block.norm(x)
         if block.self_attn:
             batch_size, channel, _, _ = x.shape
             kv = torch.cat([norm_x.view(batch_size, channel, -1).transpose(1, 2), kv], dim=1)
-        return x + decoupled_attention(block.attention, norm_x, kv, user_key, user_value)
+        return x + decoupled_attention(block.attention, norm_x, kv, user_key, user_value, user_rows)
 
 
 _personalized_attn_block = _PersonalizedAttnBlock()
+
+
+RECOMPILE_LIMIT = 64
+
+
+def compile_blocks(unet: StableCascadeUNet, **compile_kwargs) -> int:
+    """Regional compilation: ``torch.compile`` each block of ``unet`` in place, and the personalized attention.
+
+    Blocks of one level share their shapes, so each distinct block is compiled once and the compiled code
+    serves all its copies (PyTorch inlines built-in modules and treats their weights as inputs); the
+    personalized attention block is one module whose ``block`` argument changes, compiled once per shape.
+    ``StableCascadeUNet.forward`` and ``stage_c_forward`` both call the blocks, so both run compiled.
+    Every block class shares one compiled-code cache over its instances, levels, batch sizes and grad
+    modes (a DPO step runs the reference without gradients and the policy with them), more variants than
+    torch's default ``recompile_limit`` of 8 allows; it is raised to ``RECOMPILE_LIMIT`` so that no block
+    silently falls back to eager. Returns the number of UNet blocks compiled.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    blocks = [block for level in (*unet.down_blocks, *unet.up_blocks) for block in level]
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    _personalized_attn_block.compile(**compile_kwargs)
+    return len(blocks)
 
 
 def _conditioning_embedding(
@@ -115,11 +141,13 @@ def stage_c_forward(
     crp: torch.Tensor | float | None = None,
     user_keys: Sequence[torch.Tensor] | None = None,
     user_values: Sequence[torch.Tensor] | None = None,
+    user_rows: int | None = None,
 ) -> StableCascadeUNetOutput:
     """Runs ``unet`` like ``StableCascadeUNet.forward``, with optional user keys/values per attention block.
 
     ``user_keys[i]``/``user_values[i]`` (values with the user scale folded in) belong to the i-th block
     of ``attention_blocks(unet)``; a block that a repeat mapper runs twice sees its own pair both times.
+    Only the first ``user_rows`` rows of the batch (default: all) have a user; the others run the base blocks.
     With ``user_keys=None`` the result equals ``unet(...)`` bit for bit wherever diffusers accepts the
     inputs and ``clip_text`` comes with ``clip_img``. In addition this accepts a 2-D ``clip_text_pooled``,
     per-sample ``sca``/``crp`` tensors and a scalar ``timestep_ratio``, and supplies the zero image
@@ -155,7 +183,7 @@ def stage_c_forward(
                 fn, args = block, (x, clip)
             else:
                 user = (user_keys[attn_index], user_values[attn_index])
-                fn, args = _personalized_attn_block, (block, x, clip, *user)
+                fn, args = _personalized_attn_block, (block, x, clip, *user, user_rows)
         else:
             fn, args = block, (x,)
         if checkpointing:

@@ -10,6 +10,9 @@ into ``V'`` beforehand (``scale * softmax(Q K'^T) V' = softmax(Q K'^T) (scale * 
 generation rather than at every step. The base term is computed with exactly the operations of
 diffusers' default ``AttnProcessor2_0``, so a zero ``V'`` (the adapter's initial state, or scale 0)
 reproduces the base layer bit for bit.
+
+Rows without a user (the negative and text-only rows of a guided sampling step) skip the user term
+altogether: ``user_rows`` says how many leading rows of the batch have one.
 """
 
 from __future__ import annotations
@@ -26,12 +29,18 @@ def _split_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.view(batch_size, length, heads, inner_dim // heads).transpose(1, 2)
 
 
+def _batch_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor`` with ``rows`` rows: a batch of one (one user for every row) is expanded, not copied."""
+    return tensor.expand(rows, -1, -1, -1) if tensor.shape[0] != rows else tensor
+
+
 def decoupled_attention(
     attn: Attention,
     hidden_states: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     user_key: torch.Tensor | None = None,
     user_value: torch.Tensor | None = None,
+    user_rows: int | None = None,
 ) -> torch.Tensor:
     """Runs ``attn`` on ``hidden_states`` with an extra, separately normalised user attention.
 
@@ -44,7 +53,9 @@ def decoupled_attention(
         user_key: User keys already split into heads, ``(batch, heads, user_tokens, head_dim)``;
             ``None`` skips the user term.
         user_value: User values, same shape as ``user_key``, with the user scale already applied. A batch
-            of one serves every sample.
+            of one serves every row that has a user.
+        user_rows: How many leading rows of the batch have a user (``None``: all of them). The other rows get
+            the base attention alone, without computing a user term for them.
 
     Returns:
         The attention output, same shape as ``hidden_states``.
@@ -71,13 +82,13 @@ def decoupled_attention(
 
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
     if user_key is not None:
-        user_key = user_key.to(query.dtype)
-        user_value = user_value.to(query.dtype)
-        if user_key.shape[0] != batch_size:  # one user for the whole batch
-            user_key = user_key.expand(batch_size, -1, -1, -1)
-        if user_value.shape[0] != batch_size:
-            user_value = user_value.expand(batch_size, -1, -1, -1)
-        out = out + F.scaled_dot_product_attention(query, user_key, user_value, dropout_p=0.0, is_causal=False)
+        rows = batch_size if user_rows is None else user_rows
+        if rows > 0:
+            user_key, user_value = (_batch_rows(t.to(query.dtype), rows) for t in (user_key, user_value))
+            user_query = query if rows == batch_size else query[:rows]
+            user_out = F.scaled_dot_product_attention(user_query, user_key, user_value, dropout_p=0.0, is_causal=False)
+            # not in place: the attention's backward keeps `out`
+            out = out + user_out if rows == batch_size else torch.cat([out[:rows] + user_out, out[rows:]])
 
     out = out.transpose(1, 2).reshape(batch_size, -1, out.shape[1] * out.shape[-1])
     out = out.to(query.dtype)

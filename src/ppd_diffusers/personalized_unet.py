@@ -7,7 +7,7 @@ from diffusers import StableCascadeUNet
 from diffusers.models.unets.unet_stable_cascade import StableCascadeUNetOutput
 from torch import nn
 
-from ._stable_cascade import stage_c_forward
+from ._stable_cascade import compile_blocks, stage_c_forward
 from .adapter import UserAdapter, UserKeyValues
 
 __all__ = ["PersonalizedStageC"]
@@ -72,6 +72,7 @@ class PersonalizedStageC(nn.Module):
         user_embeds: torch.Tensor | None = None,
         user_kv: UserKeyValues | None = None,
         user_scale: float | torch.Tensor = 1.0,
+        user_rows: int | None = None,
         return_dict: bool = True,
         **unet_kwargs: torch.Tensor | float | None,
     ) -> StableCascadeUNetOutput | tuple[torch.Tensor]:
@@ -85,7 +86,7 @@ class PersonalizedStageC(nn.Module):
                 embedding is supplied so that the text tokens are used (plain diffusers drops them then).
             clip_img: CLIP image embeddings ``(batch, images, channels)``.
             user_embeds: User embeddings, ``(batch, tokens, user_embed_dim)``; row ``b`` conditions sample ``b``
-                (a single row conditions every sample). ``None`` runs the base model.
+                (a single row conditions every sample that has a user). ``None`` runs the base model.
             user_kv: Precomputed ``adapter(user_embeds, scale=...)``; pass it instead of ``user_embeds`` to
                 compute the user keys/values once per generation rather than at every step.
             user_scale: With ``user_embeds``: weight of the user term, a float or a ``(batch,)`` tensor (0
@@ -105,9 +106,12 @@ class PersonalizedStageC(nn.Module):
             )
         if user_embeds is not None:
             user_kv = self.adapter(user_embeds, scale=user_scale)
+        batch_size = sample.shape[0]
+        if user_rows is not None and not 0 <= user_rows <= batch_size:
+            raise ValueError(f"`user_rows` must be between 0 and the batch size {batch_size}, got {user_rows}.")
         keys = values = None
         if user_kv is not None:
-            self._check_user_kv(user_kv, sample.shape[0])
+            self._check_user_kv(user_kv, batch_size if user_rows is None else user_rows)
             keys, values = user_kv.keys, user_kv.values
         out = stage_c_forward(
             self.unet,
@@ -118,9 +122,28 @@ class PersonalizedStageC(nn.Module):
             clip_img,
             user_keys=keys,
             user_values=values,
+            user_rows=user_rows,
             **unet_kwargs,
         )
         return out if return_dict else (out.sample,)
+
+    def compile_repeated_blocks(self, **compile_kwargs) -> PersonalizedStageC:
+        """Compiles the UNet's blocks and the personalized attention in place (regional compilation).
+
+        The counterpart of diffusers' ``ModelMixin.compile_repeated_blocks``: every residual, timestep and
+        attention block of the UNet gets ``torch.compile(**compile_kwargs)``. Repeated blocks share their
+        compiled code, so compiling takes seconds rather than minutes, and a step is traced without graph
+        breaks. Changing the user, the number of users or the scale between calls does not recompile (the
+        batch size may, once, after which it is dynamic). The plain ``unet(...)`` runs compiled too.
+
+        Args:
+            **compile_kwargs: Passed to ``torch.compile`` (e.g. ``fullgraph=True``, ``mode=...``).
+
+        Returns:
+            ``self``.
+        """
+        compile_blocks(self.unet, **compile_kwargs)
+        return self
 
     def _check_user_kv(self, user_kv: UserKeyValues, batch_size: int) -> None:
         blocks = len(self._adapter_config.block_channels)
@@ -131,7 +154,7 @@ class PersonalizedStageC(nn.Module):
             )
         if user_kv.batch_size not in (1, batch_size) or user_kv.values[0].shape[0] not in (1, batch_size):
             raise ValueError(
-                f"`user_embeds`/`user_kv` has {user_kv.batch_size} users for a batch of {batch_size} samples: "
+                f"`user_embeds`/`user_kv` has {user_kv.batch_size} users for {batch_size} samples with a user: "
                 "pass one user per sample, or a single user for all of them."
             )
 

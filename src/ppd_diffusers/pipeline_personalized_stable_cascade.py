@@ -17,6 +17,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ._pipeline_loading import register_ppd_diffusers_components
+from ._stable_cascade import compile_blocks
 from .adapter import UserAdapter, UserKeyValues
 from .encoder_base import BasePreferenceEncoder
 from .guidance import guidance_branches, guided_prediction
@@ -172,24 +173,41 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         scale: float | list[float],
         batch_size: int,
         per_prompt: int,
-        groups: int,
         device: torch.device,
     ) -> UserKeyValues:
-        """The user keys/values of every row of a Stage C call, computed once per call, on the prior's device.
+        """The user keys/values of the personalized rows of a Stage C call, once per call, on the prior's device.
 
-        Rows come in ``groups`` copies of the batch (see ``guidance_branches``); the user counts in the first
-        copy only, the others get scale 0, which makes their user term exactly zero.
+        Only the first group of rows (text and user, see ``guidance_branches``) has a user; the text-only and
+        negative rows run the base attention and cost no user term.
         """
         scales = torch.tensor(scale if isinstance(scale, list | tuple) else [scale], dtype=torch.float32)
         scales = scales.expand(batch_size).repeat_interleave(per_prompt)
         user_embeds = user_embeds.expand(batch_size, -1, -1).repeat_interleave(per_prompt, dim=0)
-        scales = torch.cat([scales, scales.new_zeros((groups - 1) * scales.shape[0])])
         # an offloaded adapter's hook moves it (and its inputs) to the execution device; otherwise it runs where
         # its weights are, which may differ from the prior's device when components are spread over devices
         runs_on = device if _is_offloaded(self.user_adapter) else self.user_adapter.device
-        user_kv = self.user_adapter(user_embeds.repeat(groups, 1, 1).to(runs_on), scale=scales.to(runs_on))
+        user_kv = self.user_adapter(user_embeds.to(runs_on), scale=scales.to(runs_on))
         prior_device = device if _is_offloaded(self.prior) else self.prior.device
         return user_kv.to(device=prior_device, dtype=self.prior.dtype)
+
+    def compile_prior(self, **compile_kwargs: Any) -> None:
+        """Compiles Stage C for faster sampling, with or without users (regional compilation).
+
+        Each block of the prior, and the personalized attention, is compiled in place with
+        ``torch.compile(**compile_kwargs)`` (see ``PersonalizedStageC.compile_repeated_blocks``). The first call
+        compiles (seconds per distinct block); later calls with another user, another number of users or
+        another ``preference_scale`` reuse the compiled code. Stage B and the encoders are not compiled.
+
+        Args:
+            **compile_kwargs: Passed to ``torch.compile``, e.g. ``fullgraph=True`` or ``mode="max-autotune"``.
+
+        Examples:
+            ```py
+            pipe.compile_prior(fullgraph=True)
+            images = pipe("a lighthouse at dusk", user_embeds=u).images  # compiles, then runs fast
+            ```
+        """
+        compile_blocks(self.prior, **compile_kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # conditioning
@@ -427,7 +445,7 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         user_kv = None
         if has_user:
             scale = self.user_adapter_scale if preference_scale is None else preference_scale
-            user_kv = self._user_key_values(user_embeds, scale, batch_size, num_images_per_prompt, len(groups), device)
+            user_kv = self._user_key_values(user_embeds, scale, batch_size, num_images_per_prompt, device)
 
         latents = self._denoise_prior(
             latents, rows, height, width, conditioning, user_kv, len(groups), guidance_scale, user_guidance_scale,
@@ -490,7 +508,8 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
                 clip_img=clip_img,
                 return_dict=False,
             )
-            noise = (self.prior(**inputs) if user_kv is None else model(**inputs, user_kv=user_kv))[0]
+            # only the first group of rows has a user: the others cost no user attention
+            noise = self.prior(**inputs)[0] if user_kv is None else model(**inputs, user_kv=user_kv, user_rows=rows)[0]
             predictions = iter(noise.chunk(groups))
             personalized, text, uncond = (next(predictions) if needed else None for needed in branches)
             noise = guided_prediction(personalized, text, uncond, guidance_scale, user_guidance_scale)

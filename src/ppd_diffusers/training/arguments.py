@@ -122,6 +122,13 @@ class PPDTrainingArguments:
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("Recompute Stage C blocks in the backward pass: far less memory, ~25% slower.")
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata=_help(
+            "Compile Stage C's blocks and the personalized attention (regional torch.compile): the first steps "
+            "compile, later ones run faster."
+        ),
+    )
     allow_tf32: bool = field(default=False, metadata=_help("Allow TF32 matmuls on Ampere and newer GPUs."))
     # --- checkpoints, logging, validation, hub
     checkpointing_steps: int = field(default=500, metadata=_help("Save a resumable checkpoint every N steps."))

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .._stable_cascade import compile_blocks
 from ..loss import PPDLoss
 from .arguments import PPDTrainingArguments
 from .checkpoints import last_metrics, prepare_output_dir, resolve_resume, save_checkpoint, step_of
@@ -245,6 +246,8 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     pipe.to(accelerator.device)
     if args.gradient_checkpointing:
         pipe.prior.enable_gradient_checkpointing()
+    if args.torch_compile:
+        compile_blocks(pipe.prior)
 
     user_embeddings, draws, embedding_metadata = load_user_embeddings(args.user_embeddings)
     if args.adapter_name_or_path is not None:
