@@ -224,7 +224,7 @@ def measure_group(group: list[Case], args) -> list[dict]:
     steps.clear()
     del accelerators
     free(args.device)
-    if not cuda:
+    if not cuda and getattr(args, "cpu_memory", True):  # CPU memory: a child process per case
         for row, case in zip(rows, group):
             row.update(run_child(args, case))
     for row in rows:

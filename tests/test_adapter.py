@@ -210,6 +210,36 @@ def test_personalized_forward_compiles_without_graph_breaks(unet, adapter):
     assert all(p.grad is not None for p in adapter.parameters())
 
 
+def test_user_rows_skip_the_user_term_and_leave_user_rows_unchanged(unet, adapter):
+    """Row slicing: rows past `user_rows` get the base model; the others what every-row users give them."""
+    randomize_(adapter)
+    model, inputs, users = adapter.attach(unet), unet_inputs(unet, batch=4), _users(4)
+    with torch.no_grad():
+        base = unet(**inputs).sample
+        every_row = model(**inputs, user_embeds=users).sample
+        sliced = model(**inputs, user_kv=adapter(users[:2]), user_rows=2).sample
+        # the same rows computed the old way: a user on every row, scale 0 (exact zeros) where there is none
+        zero_scaled = model(**inputs, user_kv=adapter(users, scale=torch.tensor([1.0, 1.0, 0.0, 0.0]))).sample
+        one_for_all = model(**inputs, user_kv=adapter(users[:1]), user_rows=3).sample
+        none = model(**inputs, user_kv=adapter(users[:1]), user_rows=0).sample
+    torch.testing.assert_close(sliced, zero_scaled, rtol=0, atol=0)
+    torch.testing.assert_close(sliced[:2], every_row[:2], rtol=0, atol=0)
+    torch.testing.assert_close(sliced[2:], base[2:], rtol=0, atol=0)
+    assert not torch.allclose(sliced[:2], base[:2])
+    torch.testing.assert_close(one_for_all[3:], base[3:], rtol=0, atol=0)
+    torch.testing.assert_close(one_for_all[:3], model(**inputs, user_embeds=users[:1]).sample[:3], rtol=0, atol=0)
+    torch.testing.assert_close(none, base, rtol=0, atol=0)
+
+
+def test_user_rows_train_the_adapter_through_the_user_rows_only(unet, adapter):
+    randomize_(adapter)
+    model, inputs = adapter.attach(unet), unet_inputs(unet, batch=4)
+    model(**inputs, user_embeds=_users(2), user_rows=2).sample[2:].sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in adapter.parameters())  # rows 2-3 never saw the user
+    model(**inputs, user_embeds=_users(2), user_rows=2).sample[:2].sum().backward()
+    assert all(p.grad is not None and p.grad.any() for p in adapter.parameters())
+
+
 def test_mismatched_unet_raises_naming_both_shapes(adapter):
     other = build_unet(block_out_channels=(32, 64), num_attention_heads=(2, 4))
     expected = r"4 x \(48 channels, 4 heads\).*given `unet` has 6 attention blocks.*4 x \(64 channels"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 from hypothesis import given, settings
@@ -56,3 +57,29 @@ def test_matches_the_formula(heads, user_tokens, scale, per_sample, seed):
         got = decoupled_attention(attn, x, ctx, user_k, scale * user_v)  # the scale is folded into V'
 
     torch.testing.assert_close(got.double(), _by_hand(attn, x, ctx, user_k, user_v, s), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(0, 3), one_user=st.booleans(), grad=st.booleans(), seed=st.integers(0, 10_000))
+def test_user_rows_get_the_formula_and_the_other_rows_the_base_attention(rows, one_user, grad, seed):
+    """Row slicing, with gradients (a copy) and without (an in-place add): rows past `user_rows` get no user."""
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=8, heads=2, dim_head=4, bias=True).eval()
+    x, ctx = torch.randn(3, 8, 2, 2), torch.randn(3, 5, 8)
+    users = 1 if one_user else rows
+    user_k, user_v = torch.randn(users, 2, 4, 4), torch.randn(users, 2, 4, 4)
+    with torch.set_grad_enabled(grad):
+        got = decoupled_attention(attn, x, ctx, user_k, user_v, user_rows=rows)
+    # by hand: every row has user keys/values, with scale 1 on the first `rows` rows and 0 after them
+    full_k, full_v = (t.expand(3, -1, -1, -1) if one_user else torch.cat([t, t.new_zeros(3 - rows, 2, 4, 4)])
+                      for t in (user_k, user_v))  # fmt: skip
+    scale = torch.tensor([1.0] * rows + [0.0] * (3 - rows))
+    torch.testing.assert_close(got.double(), _by_hand(attn, x, ctx, full_k, full_v, scale), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_user_rows_raise_clear_errors():
+    attn = Attention(query_dim=8, heads=2, dim_head=4, bias=True).eval()
+    x, ctx, k = torch.randn(3, 8, 2, 2), torch.randn(3, 5, 8), torch.randn(2, 2, 4, 4)
+    for rows, message in ((4, "user_rows=4"), (-1, "user_rows=-1"), (3, "got user_rows=3 and 2 rows")):
+        with pytest.raises(ValueError, match=message):
+            decoupled_attention(attn, x, ctx, k, k, user_rows=rows)

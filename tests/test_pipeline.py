@@ -172,6 +172,37 @@ def test_user_guidance_scale(pipe, monkeypatch):
     assert (no_cfg - folded).abs().max() > 1e-4
 
 
+def test_only_the_user_rows_pay_for_the_user_and_images_are_unchanged(pipe, monkeypatch):
+    """Row slicing: the text-only and negative rows skip the user attention; images equal the every-row way."""
+    from ppd_diffusers import PersonalizedStageC, UserKeyValues
+
+    randomize_(pipe.user_adapter)
+    u = pipe.encode_user(USERS[0])
+    seen = []
+    forward = PersonalizedStageC.forward
+
+    def recording(self, sample, *args, user_kv=None, user_rows=None, **kwargs):
+        seen.append((sample.shape[0], user_kv.batch_size, user_rows))
+        return forward(self, sample, *args, user_kv=user_kv, user_rows=user_rows, **kwargs)
+
+    def every_row(self, sample, *args, user_kv=None, user_rows=None, **kwargs):
+        # what the pipeline did before row slicing: every row gets user keys/values, zero values where no user
+        extra = sample.shape[0] - user_rows
+        padded = UserKeyValues(
+            keys=tuple(torch.cat([k, k[:1].expand(extra, -1, -1, -1)]) for k in user_kv.keys),
+            values=tuple(torch.cat([v, torch.zeros_like(v[:1]).expand(extra, -1, -1, -1)]) for v in user_kv.values),
+        )
+        return forward(self, sample, *args, user_kv=padded, **kwargs)
+
+    call = dict(user_embeds=u.expand(2, -1, -1), guidance_scale=4.0, user_guidance_scale=2.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(PersonalizedStageC, "forward", recording)
+        sliced = generate(pipe, ["a red cat", "a blue dog"], **call)
+    assert set(seen) == {(6, 2, 2)}  # rows [text+user | text | negative] x 2 prompts; the user on the first 2
+    monkeypatch.setattr(PersonalizedStageC, "forward", every_row)
+    torch.testing.assert_close(sliced, generate(pipe, ["a red cat", "a blue dog"], **call), rtol=0, atol=1e-6)
+
+
 def test_model_offload_unloads_the_encoders_before_stage_c(pipe):
     pipe.enable_model_cpu_offload(device="cpu")
     order = []

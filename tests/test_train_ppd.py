@@ -299,6 +299,18 @@ def test_bf16_and_a_subset_of_the_pairs(repos, tmp_path):
     assert {v.dtype for v in saved.values()} == {torch.float32}  # the adapter trains (and is saved) in fp32
 
 
+def test_torch_compile_trains_the_same_weights(repos, tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    _run(_args(repos, eager, max_train_steps=3, gradient_checkpointing=True))
+    log = _run(_args(repos, compiled, max_train_steps=3, gradient_checkpointing=True, torch_compile=True))
+    assert re.search(r"torch.compile: \d+ Stage C blocks", log)
+    assert _losses(compiled)[0] == pytest.approx(math.log(2), abs=1e-6)
+    np.testing.assert_allclose(_losses(compiled), _losses(eager), rtol=1e-4)
+    trained, reference = load_file(compiled / WEIGHTS), load_file(eager / WEIGHTS)
+    for key, value in reference.items():
+        torch.testing.assert_close(trained[key], value, rtol=1e-3, atol=1e-5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

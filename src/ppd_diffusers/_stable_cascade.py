@@ -85,11 +85,14 @@ def compile_blocks(unet: StableCascadeUNet, **compile_kwargs) -> int:
     Every block class shares one compiled-code cache over its instances, levels, batch sizes and grad
     modes (a DPO step runs the reference without gradients and the policy with them), more variants than
     torch's default ``recompile_limit`` of 8 allows; it is raised to ``RECOMPILE_LIMIT`` so that no block
-    silently falls back to eager. Returns the number of UNet blocks compiled.
+    silently falls back to eager. Shapes are static unless ``dynamic`` is given: the two levels' blocks
+    differ in size, and automatic dynamic shapes would otherwise recompile them again on the second call.
+    Returns the number of UNet blocks compiled.
     """
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    compile_kwargs.setdefault("dynamic", False)
     blocks = [block for level in (*unet.down_blocks, *unet.up_blocks) for block in level]
     for block in blocks:
         block.compile(**compile_kwargs)

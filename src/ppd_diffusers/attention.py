@@ -83,12 +83,21 @@ def decoupled_attention(
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
     if user_key is not None:
         rows = batch_size if user_rows is None else user_rows
+        if not 0 <= rows <= batch_size or user_key.shape[0] not in (1, rows):
+            raise ValueError(
+                f"`user_rows` must be between 0 and the batch size {batch_size} and `user_key` hold 1 or `user_rows` "
+                f"rows, got user_rows={user_rows} and {user_key.shape[0]} rows."
+            )
         if rows > 0:
             user_key, user_value = (_batch_rows(t.to(query.dtype), rows) for t in (user_key, user_value))
             user_query = query if rows == batch_size else query[:rows]
             user_out = F.scaled_dot_product_attention(user_query, user_key, user_value, dropout_p=0.0, is_causal=False)
-            # not in place: the attention's backward keeps `out`
-            out = out + user_out if rows == batch_size else torch.cat([out[:rows] + user_out, out[rows:]])
+            if rows == batch_size:
+                out = out + user_out
+            elif torch.is_grad_enabled():  # the attention's backward keeps `out`: no in-place update
+                out = torch.cat([out[:rows] + user_out, out[rows:]])
+            else:  # sampling: add to the user rows where they are, no copy of the other rows
+                out[:rows] += user_out
 
     out = out.transpose(1, 2).reshape(batch_size, -1, out.shape[1] * out.shape[-1])
     out = out.to(query.dtype)

@@ -78,6 +78,7 @@ class PPDLoaderMixin:
         adapter = adapter.to(device) if adapter.device != device else adapter
         adapter = (adapter.to(dtype) if adapter.dtype != dtype else adapter).eval()
         self.register_modules(user_adapter=adapter)
+        self._personalized_prior = None  # built again for the new adapter (and not kept alive)
         self._reapply_model_offload()
 
     def set_user_adapter_scale(self, scale: float) -> None:
@@ -98,6 +99,7 @@ class PPDLoaderMixin:
     def unload_user_adapter(self) -> None:
         """Removes the user adapter: the pipeline becomes plain Stable Cascade (users are then refused)."""
         self.register_modules(user_adapter=None)
+        self._personalized_prior = None
         self._user_adapter_scale = 1.0
 
     def _reapply_model_offload(self) -> None:

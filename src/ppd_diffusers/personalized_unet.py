@@ -131,10 +131,13 @@ class PersonalizedStageC(nn.Module):
         """Compiles the UNet's blocks and the personalized attention in place (regional compilation).
 
         The counterpart of diffusers' ``ModelMixin.compile_repeated_blocks``: every residual, timestep and
-        attention block of the UNet gets ``torch.compile(**compile_kwargs)``. Repeated blocks share their
-        compiled code, so compiling takes seconds rather than minutes, and a step is traced without graph
-        breaks. Changing the user, the number of users or the scale between calls does not recompile (the
-        batch size may, once, after which it is dynamic). The plain ``unet(...)`` runs compiled too.
+        attention block of the UNet gets ``torch.compile(**compile_kwargs)`` (static shapes unless
+        ``dynamic`` is given). Repeated blocks share their compiled code, so compiling takes seconds rather
+        than minutes, and a step is traced without graph breaks. Another user or scale with the same shapes
+        does not recompile; a new batch size, number of user rows, or one user broadcast instead of one
+        per row compiles once more (up to ``RECOMPILE_LIMIT`` variants per block class). The plain
+        ``unet(...)`` runs compiled too. The personalized attention module is shared by every model in
+        the process, so it stays compiled for all of them, with the latest ``compile_kwargs``.
 
         Args:
             **compile_kwargs: Passed to ``torch.compile`` (e.g. ``fullgraph=True``, ``mode=...``).

@@ -22,6 +22,7 @@ from .adapter import UserAdapter, UserKeyValues
 from .encoder_base import BasePreferenceEncoder
 from .guidance import guidance_branches, guided_prediction
 from .loaders import PPDLoaderMixin, check_adapter_fits_encoder
+from .personalized_unet import PersonalizedStageC
 
 __all__ = ["PersonalizedStableCascadePipeline", "PersonalizedStableCascadePipelineOutput"]
 
@@ -132,6 +133,8 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         )
         self.register_to_config(resolution_multiple=resolution_multiple, latent_dim_scale=latent_dim_scale)
         self._user_adapter_scale = 1.0
+        self._personalized_prior: PersonalizedStageC | None = None
+        self._whole_prior_compile_kwargs: dict[str, Any] | None = None
 
     def _offload_models(self, *models: torch.nn.Module | None) -> None:
         for hook in getattr(self, "_all_hooks", None) or []:
@@ -190,16 +193,31 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         prior_device = device if _is_offloaded(self.prior) else self.prior.device
         return user_kv.to(device=prior_device, dtype=self.prior.dtype)
 
-    def compile_prior(self, **compile_kwargs: Any) -> None:
-        """Compiles Stage C for faster sampling, with or without users (regional compilation).
+    def compile_prior(self, regional: bool = True, **compile_kwargs: Any) -> None:
+        """Compiles Stage C for faster sampling, with a user and without (``torch.compile``).
 
-        Each block of the prior, and the personalized attention, is compiled in place with
-        ``torch.compile(**compile_kwargs)`` (see ``PersonalizedStageC.compile_repeated_blocks``). The first call
-        compiles (seconds per distinct block); later calls with another user, another number of users or
-        another ``preference_scale`` reuse the compiled code. Stage B and the encoders are not compiled.
+        Two ways, as diffusers offers for its models:
+
+        - ``regional=True`` (default; diffusers' ``compile_repeated_blocks``): each block of the prior and the
+          personalized attention are compiled in place (see ``PersonalizedStageC.compile_repeated_blocks``).
+          Repeated blocks share their code, so compiling takes seconds; launches between blocks remain.
+        - ``regional=False``: the whole prior, and the whole personalized prior (``PersonalizedStageC``, kept
+          by the pipeline for the adapter it was built with), become one graph each: minutes to compile per
+          batch size, the fastest steps where a small batch is bound by kernel launches.
+
+        On an H200 (full Stage C, bf16, batch 2 = one image with guidance) the eager step takes ~60 ms, the
+        regional one ~46 ms after ~30 s of compiling, the whole-graph one ~27 ms after ~80 s per graph (see
+        ``docs/benchmarks.md``). Later calls with another user, number of users or ``preference_scale`` reuse
+        the compiled code (the pipeline gives every row its own user); another batch size compiles once more.
+        Stage B and the encoders are not compiled. Whole graphs cannot trace accelerate's offload hooks: with
+        ``enable_model_cpu_offload`` use the regional default.
 
         Args:
-            **compile_kwargs: Passed to ``torch.compile``, e.g. ``fullgraph=True`` or ``mode="max-autotune"``.
+            regional: Compile block by block (``True``) or whole graphs (``False``).
+            **compile_kwargs: Passed to ``torch.compile``, e.g. ``fullgraph=True``.
+
+        Raises:
+            ValueError: ``regional=False`` on a pipeline whose prior is offloaded.
 
         Examples:
             ```py
@@ -207,7 +225,27 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
             images = pipe("a lighthouse at dusk", user_embeds=u).images  # compiles, then runs fast
             ```
         """
-        compile_blocks(self.prior, **compile_kwargs)
+        if regional:
+            compile_blocks(self.prior, **compile_kwargs)
+            return
+        if _is_offloaded(self.prior):
+            raise ValueError(
+                "`compile_prior(regional=False)` cannot trace the offload hooks of `enable_model_cpu_offload`: use "
+                "`compile_prior()` (regional), or compile before offloading is enabled and keep the models on the GPU."
+            )
+        self.prior.compile(**compile_kwargs)
+        self._whole_prior_compile_kwargs = compile_kwargs
+        self._personalized_prior = None  # rebuilt (and compiled) at the next personalized call
+
+    def _personalized(self) -> PersonalizedStageC:
+        """The prior run with the user adapter, kept across calls so that a compiled one stays compiled."""
+        model = self._personalized_prior
+        if model is None or model.unet is not self.prior or model.adapter is not self.user_adapter:
+            model = self.user_adapter.attach(self.prior)
+            if self._whole_prior_compile_kwargs is not None:
+                model.compile(**self._whole_prior_compile_kwargs)
+            self._personalized_prior = model
+        return model
 
     # ------------------------------------------------------------------------------------------------------
     # conditioning
@@ -496,7 +534,7 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         self._num_timesteps = len(timesteps)
         hidden, pooled, clip_img = conditioning
         if user_kv is not None:
-            model = self.user_adapter.attach(self.prior)
+            model = self._personalized()
             _onload(self.prior)  # the personalized forward runs the prior's blocks, not its hooked `forward`
         for i, t in enumerate(self.progress_bar(timesteps)):
             ratio = t.expand(rows).to(dtype)

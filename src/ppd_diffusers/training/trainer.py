@@ -247,7 +247,8 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     if args.gradient_checkpointing:
         pipe.prior.enable_gradient_checkpointing()
     if args.torch_compile:
-        compile_blocks(pipe.prior)
+        blocks = compile_blocks(pipe.prior)
+        logger.info("torch.compile: %d Stage C blocks and the personalized attention (regional)", blocks)
 
     user_embeddings, draws, embedding_metadata = load_user_embeddings(args.user_embeddings)
     if args.adapter_name_or_path is not None:
