@@ -277,7 +277,7 @@ def test_output_dir_bookkeeping(tmp_path):
         "checkpoint-4",
         "checkpoint-10",
     ]
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match=r"already holds a training run's outputs \(checkpoint-10, checkpoint-2"):
         prepare_output_dir(str(tmp_path), None, str(metrics))
     assert resolve_resume(str(tmp_path), "latest").endswith("checkpoint-10")
     with pytest.raises(ValueError, match="must be a `checkpoint-N` folder"):
@@ -287,6 +287,78 @@ def test_output_dir_bookkeeping(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-4", "metrics.jsonl", "other"]
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
     assert resolve_resume(str(tmp_path / "new"), "latest") is None
+
+
+def _layout(root: Path, *names: str) -> None:
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if name.startswith("checkpoint-") else path.write_text(name)
+
+
+def test_a_new_run_never_overwrites_an_earlier_one_unless_told(tmp_path):
+    from ppd_diffusers.training.checkpoints import prepare_output_dir
+
+    out, metrics = tmp_path / "out", tmp_path / "out" / "logs" / "metrics.jsonl"
+    _layout(out, "README.md", "config.json", "diffusion_pytorch_model.safetensors", "logs/metrics.jsonl", "notes.txt")
+    _layout(out, "checkpoint-3", "validation/step-3.png")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    expected = r"already holds a training run's outputs \(checkpoint-3, README.md, config.json, diffusion_pytorch"
+    for resuming in (False, True):  # `latest` without a checkpoint is no licence to overwrite a finished run
+        with pytest.raises(ValueError, match=expected):
+            prepare_output_dir(str(out), None, str(metrics), resuming=resuming)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing touched
+    prepare_output_dir(str(out), None, str(metrics), overwrite=True)
+    assert sorted(p.name for p in out.rglob("*")) == ["logs", "notes.txt"]  # only what a run writes went
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_in_place(tmp_path):
+    from ppd_diffusers.training.checkpoints import prepare_output_dir
+
+    out, metrics = tmp_path / "out", tmp_path / "out" / "logs" / "metrics.jsonl"
+    _layout(out, "logs/metrics.jsonl", "logs/events.out.tfevents.1")
+    with pytest.raises(ValueError, match=r"outputs \(logs/metrics.jsonl\)"):
+        prepare_output_dir(str(out), None, str(metrics))
+    prepare_output_dir(str(out), None, str(metrics), resuming=True)
+    assert sorted(p.name for p in out.rglob("*")) == ["events.out.tfevents.1", "logs"]
+
+
+def test_resuming_from_another_folder_deletes_nothing(tmp_path):
+    from ppd_diffusers.training.checkpoints import prepare_output_dir
+
+    source, target = tmp_path / "a", tmp_path / "b"
+    _layout(source, "checkpoint-5", "checkpoint-9", "logs/metrics.jsonl")
+    _layout(target, "checkpoint-7", "logs/metrics.jsonl")
+    sources, targets = sorted(source.rglob("*")), sorted(target.rglob("*"))
+    with pytest.raises(ValueError, match="already holds a training run's outputs"):
+        prepare_output_dir(str(target), str(source / "checkpoint-5"), str(target / "logs" / "metrics.jsonl"))
+    assert sorted(target.rglob("*")) == targets and (target / "logs" / "metrics.jsonl").read_text()
+    fresh = tmp_path / "c"
+    prepare_output_dir(str(fresh), str(source / "checkpoint-5"), str(fresh / "logs" / "metrics.jsonl"))
+    assert sorted(source.rglob("*")) == sources  # the later checkpoint-9 of the source run stays
+
+
+def test_changed_settings_name_what_differs(tmp_path):
+    from ppd_diffusers.training.checkpoints import SETTINGS_FILE, changed_settings
+
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({"seed": 0, "learning_rate": 1e-5, "output_dir": "a"}))
+    now = {"seed": 1, "learning_rate": 1e-5, "output_dir": "b", "new_setting": 3}
+    assert changed_settings(str(tmp_path), now, ignored={"output_dir"}) == {"seed": (0, 1)}
+    assert changed_settings(str(tmp_path / "old-checkpoint"), now, ignored=set()) == {}
+
+
+def test_rerun_is_refused_and_changed_settings_on_resume_are_named(repos, tmp_path):
+    out = tmp_path / "run"
+    _run(_args(repos, out, max_train_steps=2, checkpointing_steps=1))
+    weights = (out / WEIGHTS).read_bytes()
+    again = subprocess.run([sys.executable, str(SCRIPT), *_args(repos, out, max_train_steps=2)], capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})  # fmt: skip
+    assert again.returncode != 0 and "--overwrite_output_dir" in again.stderr
+    assert (out / WEIGHTS).read_bytes() == weights and len(_losses(out)) == 2  # nothing overwritten or appended
+    log = _run(_args(repos, out, max_train_steps=3, learning_rate=2e-3, resume_from_checkpoint="latest"))
+    assert "Resuming with settings that differ from the checkpoint's" in log
+    assert "`learning_rate` 0.001 -> 0.002; `max_train_steps` 2 -> 3" in log
+    assert len(_losses(out)) == 3
 
 
 def test_bf16_and_a_subset_of_the_pairs(repos, tmp_path):

@@ -89,6 +89,10 @@ class PPDTrainingArguments:
     )
     # --- optimisation
     output_dir: str = field(default="ppd-adapter", metadata=_help("Adapter, checkpoints, logs and validation images."))
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help("Delete an earlier run's outputs in `output_dir` first (without it such a folder is refused)."),
+    )
     seed: int = field(default=0, metadata=_help("Seed of the data order, noise, timesteps and dropout."))
     train_batch_size: int = field(default=4, metadata=_help("Pairs per process per forward pass."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Forward passes per optimizer step."))

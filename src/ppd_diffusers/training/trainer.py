@@ -25,7 +25,14 @@ import torch
 from .._stable_cascade import compile_blocks
 from ..loss import PPDLoss
 from .arguments import PPDTrainingArguments
-from .checkpoints import last_metrics, prepare_output_dir, resolve_resume, save_checkpoint, step_of
+from .checkpoints import (
+    changed_settings,
+    last_metrics,
+    prepare_output_dir,
+    resolve_resume,
+    save_checkpoint,
+    step_of,
+)
 from .dpo_step import ppd_dpo_step
 from .pairs_dataset import PreferencePairsDataset, collate_preference_pairs
 from .pickapic import load_pickapic_dataset, stable_seed
@@ -36,6 +43,13 @@ __all__ = ["TrainingResult", "train_ppd"]
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+# settings a resumed run may change without changing what it trains (outputs, logging, validation, Hub)
+SETTINGS_NOT_CHANGING_TRAINING = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
+    "report_to", "tracker_project_name", "validation_steps", "validation_prompts", "validation_inference_steps",
+    "validation_guidance_scale", "decoder_model_name_or_path", "dataloader_num_workers", "push_to_hub",
+    "hub_model_id",
+}  # fmt: skip
 
 
 @dataclass
@@ -219,8 +233,10 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     repo_id = None
     if accelerator.is_main_process:
+        resuming = args.resume_from_checkpoint == "latest"
+        metrics_file = os.path.join(logging_dir, METRICS_FILE)
+        prepare_output_dir(args.output_dir, checkpoint, metrics_file, args.overwrite_output_dir, resuming)
         os.makedirs(logging_dir, exist_ok=True)
-        prepare_output_dir(args.output_dir, checkpoint, os.path.join(logging_dir, METRICS_FILE))
         # before training, so that a missing login fails now rather than after the run
         repo_id = create_hub_repo(args) if args.push_to_hub else None
     accelerator.wait_for_everyone()
@@ -330,11 +346,11 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     model = PersonalizedStageC(pipe.prior, adapter)
     loss_fn = PPDLoss(beta=args.beta_dpo)
 
+    # never the Hub token: trackers store (and wandb uploads) their config, and checkpoints keep it
+    settings = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()}
+    settings.pop("hub_token")
     if accelerator.is_main_process:
-        # never the Hub token: trackers store (and wandb uploads) their config
-        config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(args).items()}
-        config.pop("hub_token")
-        accelerator.init_trackers(args.tracker_project_name, config=config)
+        accelerator.init_trackers(args.tracker_project_name, config=settings)
         logger.info(
             "%d training pairs of %d users (%s); %d held-out users; %d steps of %d pairs (%d per process x %d "
             "accumulation x %d processes).",
@@ -348,6 +364,13 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         accelerator.load_state(checkpoint)
         global_step = step_of(checkpoint)
         logger.info("Resumed from %s (step %d).", checkpoint, global_step)
+        changed = changed_settings(checkpoint, settings, SETTINGS_NOT_CHANGING_TRAINING)
+        if changed:
+            logger.warning(
+                "Resuming with settings that differ from the checkpoint's: %s. The result will differ from an "
+                "uninterrupted run's.",
+                "; ".join(f"`{name}` {saved!r} -> {now!r}" for name, (saved, now) in sorted(changed.items())),
+            )
     first_epoch = global_step // steps_per_epoch
     batches_to_skip = (global_step % steps_per_epoch) * accumulation
 
@@ -390,7 +413,7 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
                 with open(os.path.join(logging_dir, METRICS_FILE), "a") as f:
                     f.write(json.dumps({"step": global_step, **metrics}) + "\n")
             if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings)
             if validating and (global_step % args.validation_steps == 0 or global_step == max_train_steps):
                 log_validation(accelerator, pipe, adapter, user_embeddings, draws, held_out, args, global_step)
             if global_step >= max_train_steps:
