@@ -274,3 +274,13 @@ def test_bad_inputs_raise_clear_errors(unet, adapter):
         UserAdapter(user_embed_dim=4, block_channels=[8], block_heads=[2], user_token_dim=0)
     with pytest.raises(ValueError, match="not divisible"):
         UserAdapter(user_embed_dim=4, block_channels=[9], block_heads=[2])
+
+
+def test_pickled_weights_are_refused_unless_asked_for(adapter, tmp_path):
+    adapter.save_pretrained(tmp_path)
+    torch.save(adapter.state_dict(), tmp_path / "diffusion_pytorch_model.bin")
+    (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(OSError, match=r"no file named diffusion_pytorch_model\.safetensors"):
+        UserAdapter.from_pretrained(tmp_path)
+    loaded = UserAdapter.from_pretrained(tmp_path, use_safetensors=False)  # a pickle the caller trusts
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), adapter.state_dict().values()))

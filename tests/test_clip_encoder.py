@@ -55,7 +55,9 @@ def test_mean_pooling_batched_equals_single_and_save_load(tiny_clip_dir, tmp_pat
     loaded = BasePreferenceEncoder.from_pretrained(tmp_path)
     assert isinstance(loaded, CLIPPreferenceEncoder) and loaded.config == encoder.config
     assert torch.equal(loaded.encode(users, batch_size=2), batched)
-    with pytest.raises(ValueError, match="is not a `PreferenceEncoder` config"):
+    with pytest.raises(
+        ValueError, match="names the encoder class .CLIPPreferenceEncoder., which is not a `PreferenceEncoder`"
+    ):
         PreferenceEncoder.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="`pooling` must be one of"):
         CLIPPreferenceEncoder.from_pretrained(tiny_clip_dir, pooling="last")
@@ -75,3 +77,39 @@ def test_weights_missing_from_a_checkpoint_are_reported(tiny_clip_dir, tmp_path,
     with caplog.at_level("WARNING", logger="ppd_diffusers.encoder_base"):
         CLIPPreferenceEncoder.from_pretrained(broken)
     assert "randomly initialised" in caplog.text and "text_projection" in caplog.text
+
+
+@pytest.mark.parametrize("drop_module", [False, True])
+def test_a_saved_encoder_loads_in_a_fresh_process(tiny_clip_dir, tmp_path, drop_module):
+    """The class named in the config is imported on demand (also from configs saved before the module was)."""
+    import json
+    import subprocess
+    import sys
+
+    from ppd_diffusers.encoder_base import CONFIG_NAME
+
+    CLIPPreferenceEncoder.from_pretrained(tiny_clip_dir).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["encoder_module"] == "ppd_diffusers.clip_preference_encoder"
+    if drop_module:  # as written by releases before `encoder_module`
+        del config["encoder_module"]
+        (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    code = (
+        "import sys; from ppd_diffusers import BasePreferenceEncoder; "
+        "assert 'ppd_diffusers.clip_preference_encoder' not in sys.modules; "
+        f"print(type(BasePreferenceEncoder.from_pretrained({str(tmp_path)!r})).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "CLIPPreferenceEncoder"
+
+
+def test_an_unknown_encoder_class_is_named(tmp_path):
+    import json
+
+    from ppd_diffusers.encoder_base import CONFIG_NAME
+
+    config = {"encoder_class": "MyEncoder", "encoder_module": "os", "model_name_or_path": "x"}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"names the encoder class 'MyEncoder'.*import the module that defines it"):
+        BasePreferenceEncoder.from_pretrained(tmp_path)

@@ -145,3 +145,18 @@ def test_load_preference_pairs_errors_name_the_pair(tmp_path, content, message):
         load_preference_pairs(tmp_path)
     with pytest.raises(FileNotFoundError, match="pairs.json"):
         load_preference_pairs(tmp_path / "nowhere")
+
+
+def test_sixteen_bit_and_float_images_keep_their_brightness(tmp_path):
+    grey = np.full((4, 4), 20000, dtype=np.uint16)  # 20000 / 65535 of full scale: 78 of 255
+    sixteen = PIL.Image.fromarray(grey)
+    assert sixteen.mode == "I;16"
+    sixteen.save(tmp_path / "grey.png")
+    for image in (sixteen, str(tmp_path / "grey.png")):
+        assert np.asarray(load_rgb_image(image)).tolist() == np.full((4, 4, 3), 78).tolist()
+    half = PIL.Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32))
+    assert half.mode == "F" and np.asarray(load_rgb_image(half)).max() == 128
+    with pytest.raises(ValueError, match=r"`img` holds floats in \[2, 2\]"):
+        load_rgb_image(PIL.Image.fromarray(np.full((4, 4), 2.0, dtype=np.float32)), "img")
+    with pytest.raises(ValueError, match="`img` is a 32-bit integer \\('I' mode\\) image"):
+        load_rgb_image(sixteen.convert("I"), "img")

@@ -126,6 +126,30 @@ def test_pairs_dataset_errors(repos):
         PreferencePairsDataset(dataset, embeddings, wrong, image_transform=_pixels)
 
 
+@pytest.mark.parametrize("label", [0.7, 2.0, float("nan"), -1])
+def test_labels_other_than_0_half_and_1_are_refused_with_their_row(repos, label):
+    from ppd_diffusers.training import pair_from_row, sample_user_draws
+
+    dataset = _dataset(repos, latents=False)
+    labels = list(dataset["label_0"])
+    labels[5] = label
+    bad = dataset.remove_columns("label_0").add_column("label_0", labels)
+    embeddings, draws, _ = load_user_embeddings(repos["user_embeddings"])
+    with pytest.raises(ValueError, match=r"`label_0` of dataset row 5 is \S+: Pick-a-Pic labels are 1"):
+        PreferencePairsDataset(bad, embeddings, draws, image_transform=_pixels)
+    with pytest.raises(ValueError, match="`label_0` of dataset row 5"):
+        sample_user_draws(bad, num_pairs=4)
+    with pytest.raises(ValueError, match=r"`label_0` is \S+: Pick-a-Pic labels"):
+        pair_from_row(bad[5])
+
+
+def test_a_missing_column_is_named(repos):
+    dataset = _dataset(repos, latents=False).remove_columns("label_0")
+    embeddings, draws, _ = load_user_embeddings(repos["user_embeddings"])
+    with pytest.raises(ValueError, match=r"The dataset has no `label_0` column: Pick-a-Pic rows need caption"):
+        PreferencePairsDataset(dataset, embeddings, draws, image_transform=_pixels)
+
+
 def test_training_arguments_reject_bad_values():
     with pytest.raises(ValueError, match="`dataset_name` is required"):
         PPDTrainingArguments(user_embeddings="u.safetensors")

@@ -157,6 +157,23 @@ class UserAdapter(ModelMixin, ConfigMixin):
             adapter = adapter.to(dtype=torch_dtype)
         return adapter.to(unet.device) if unet.device != adapter.device else adapter
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> UserAdapter:
+        """Loads an adapter saved with ``save_pretrained`` (a local folder or a Hub id), like ``ModelMixin``'s.
+
+        Only safetensors weights are read: ``use_safetensors`` defaults to ``True`` here, so a folder holding
+        nothing but a pickled ``.bin`` is refused rather than unpickled. Pass ``use_safetensors=False`` to
+        accept a pickle you trust.
+
+        Args:
+            pretrained_model_name_or_path: A folder written by ``save_pretrained`` or a Hub repo id.
+            **kwargs: As for ``diffusers.ModelMixin.from_pretrained`` (``subfolder``, ``revision``,
+                ``torch_dtype``, ``variant``, ...).
+        """
+        if kwargs.get("use_safetensors") is None:
+            kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Writes ``config.json`` and safetensors weights (see ``ModelMixin.save_pretrained``).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -23,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "preference_encoder_config.json"
 _ENCODER_CLASSES: dict[str, type[BasePreferenceEncoder]] = {}
+# where the library's encoders live: a fresh process has imported none of them when it loads a saved one
+_ENCODER_MODULES = {
+    "PreferenceEncoder": "ppd_diffusers.preference_encoder",
+    "CLIPPreferenceEncoder": "ppd_diffusers.clip_preference_encoder",
+}
 
 
 class BasePreferenceEncoder(nn.Module):
@@ -137,7 +143,8 @@ class BasePreferenceEncoder(nn.Module):
         from . import __version__
 
         os.makedirs(save_directory, exist_ok=True)
-        config = {"encoder_class": type(self).__name__, **self.config, "ppd_diffusers_version": __version__}
+        config = {"encoder_class": type(self).__name__, "encoder_module": type(self).__module__, **self.config}
+        config["ppd_diffusers_version"] = __version__
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
 
@@ -165,12 +172,29 @@ class BasePreferenceEncoder(nn.Module):
                     "class, e.g. `PreferenceEncoder.from_pretrained(...)` or `CLIPPreferenceEncoder.from_pretrained`."
                 )
             return cls._from_model(os.fspath(pretrained_model_name_or_path), subfolder=subfolder, **kwargs)
-        encoder_class = _ENCODER_CLASSES.get(config.pop("encoder_class", None))
+        name = config.pop("encoder_class", None)
+        encoder_class = _encoder_class(name, config.pop("encoder_module", None))
         if encoder_class is None or not issubclass(encoder_class, cls):
-            raise ValueError(f"{CONFIG_NAME} in `{pretrained_model_name_or_path}` is not a `{cls.__name__}` config.")
+            raise ValueError(
+                f"{CONFIG_NAME} in `{pretrained_model_name_or_path}` names the encoder class {name!r}, which is not a "
+                f"`{cls.__name__}`{'' if encoder_class else ' known here (import the module that defines it first)'}."
+            )
         config.pop("ppd_diffusers_version", None)
         options = {key: config.pop(key) for key in encoder_class.config_keys if key in config}
         return encoder_class._from_model(config.pop("model_name_or_path"), **{**options, **kwargs})
+
+
+def _encoder_class(name: str | None, module: str | None) -> type[BasePreferenceEncoder] | None:
+    """The encoder class a saved config names, importing the library module that defines it if needed.
+
+    Only ppd-diffusers' own modules are imported on a config's word (a config may come from the Hub); an
+    encoder class defined elsewhere must be imported by the caller first.
+    """
+    if name not in _ENCODER_CLASSES:
+        module = _ENCODER_MODULES.get(name, module)
+        if module is not None and module.split(".")[0] == "ppd_diffusers":
+            importlib.import_module(module)
+    return _ENCODER_CLASSES.get(name)
 
 
 def _find_encoder_config(path: str, subfolder: str | None, revision: str | None) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import ceil
@@ -303,8 +304,14 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         images: Any,
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str],
+        decoder_guidance_scale: float = 0.0,
+        latents: torch.Tensor | None = None,
     ) -> None:
-        """Raises ``ValueError`` naming the argument for every input the pipeline cannot use."""
+        """Raises ``ValueError`` naming the argument for every input the pipeline cannot use.
+
+        Numbers and tensors must be finite: a NaN or infinite scale, user embedding or latent would give
+        black images without an error.
+        """
         if isinstance(prompt, str):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
@@ -325,8 +332,12 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}.")
+        _check_real("guidance_scale", guidance_scale, at_least=0)
+        _check_real("decoder_guidance_scale", decoder_guidance_scale, at_least=0)
+        if user_guidance_scale is not None:
+            _check_real("user_guidance_scale", user_guidance_scale)
+        if latents is not None:
+            _check_finite_tensor("latents", latents)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if output_type != "latent" and (self.decoder is None or self.vqgan is None or self.decoder_scheduler is None):
@@ -367,13 +378,17 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
                 raise ValueError(
                     f"`user_embeds` must be a (users, tokens, {width}) tensor as `encode_user` returns, got {shape}."
                 )
+            _check_finite_tensor("user_embeds", user_embeds)
             _check_user_count("user_embeds", user_embeds.shape[0], batch_size)
         if preference_scale is not None:
             if not has_user:
                 raise ValueError("`preference_scale` weights a user, but no `preference_pairs`/`user_embeds` came.")
             scales = preference_scale if isinstance(preference_scale, list | tuple) else [preference_scale]
-            if not all(isinstance(s, int | float) and not isinstance(s, bool) for s in scales):
-                raise ValueError(f"`preference_scale` must be a number or one per prompt, got {preference_scale!r}.")
+            real = (isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) for s in scales)
+            if not all(real):
+                raise ValueError(
+                    f"`preference_scale` must be a finite number or one per prompt, got {preference_scale!r}."
+                )
             if len(scales) not in (1, batch_size):
                 raise ValueError(f"`preference_scale` has {len(scales)} entries for {batch_size} prompts.")
         if user_guidance_scale is not None and not has_user:
@@ -448,7 +463,7 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         self.check_inputs(
             prompt, negative_prompt, preference_pairs, user_embeds, preference_scale, user_guidance_scale, height,
             width, num_inference_steps, decoder_num_inference_steps, num_images_per_prompt, guidance_scale, images,
-            output_type, callback_on_step_end_tensor_inputs,
+            output_type, callback_on_step_end_tensor_inputs, decoder_guidance_scale, latents,
         )  # fmt: skip
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch_size, rows = len(prompts), len(prompts) * num_images_per_prompt
@@ -606,6 +621,22 @@ def _check_user_count(name: str, users: int, batch_size: int) -> None:
             f"`{name}` describes {users} users for {batch_size} prompts: give one user for all prompts, or one per "
             "prompt."
         )
+
+
+def _check_real(name: str, value: Any, at_least: float | None = None) -> None:
+    """A real, finite number (not a bool), at least ``at_least`` if given."""
+    real = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not real or (at_least is not None and value < at_least):
+        bound = "" if at_least is None else f" >= {at_least:g}"
+        raise ValueError(f"`{name}` must be a finite number{bound}, got {value!r}.")
+
+
+def _check_finite_tensor(name: str, tensor: torch.Tensor) -> None:
+    """A floating-point tensor without NaN or infinity (others would be cast silently or give black images)."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {tensor.dtype}.")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"`{name}` holds NaN or infinite values.")
 
 
 def _initial_noise(

@@ -53,7 +53,7 @@ def load_rgb_image(image: ImageLike, name: str = "image") -> PIL.Image.Image:
         ValueError: The input is not an image or cannot be decoded; the message names ``name``.
     """
     if isinstance(image, PIL.Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return _pil_to_rgb(image, name)
     if isinstance(image, Mapping):  # a `datasets` Image feature with decode=False
         data = image.get("bytes") or image.get("path")
         if data is None:
@@ -64,7 +64,7 @@ def load_rgb_image(image: ImageLike, name: str = "image") -> PIL.Image.Image:
         try:
             with PIL.Image.open(source) as opened:
                 opened.load()
-                return opened.convert("RGB")
+                return _pil_to_rgb(opened, name)
         except (OSError, PIL.Image.DecompressionBombError, SyntaxError) as error:
             what = "bytes" if isinstance(image, bytes | bytearray) else f"file {os.fspath(image)!r}"
             raise ValueError(f"`{name}` is not a readable image ({what}): {error}") from error
@@ -82,6 +82,23 @@ def load_rgb_image(image: ImageLike, name: str = "image") -> PIL.Image.Image:
         f"`{name}` must be a PIL image, a numpy array, a tensor, image bytes or a file path, "
         f"got {type(image).__name__}."
     )
+
+
+def _pil_to_rgb(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """RGB with the image's brightness kept: PIL's own ``convert("RGB")`` clips 16-bit values to 255 (white)
+    and truncates float pixels in [0, 1] to 0 (black)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):  # unsigned 16-bit greyscale, e.g. a 16-bit PNG
+        return _array_to_image(np.asarray(image).astype(np.float32) / 65535.0, name)
+    if image.mode == "F":  # float pixels: the same rules as float arrays (values in [0, 1])
+        return _array_to_image(np.asarray(image), name)
+    if image.mode == "I":
+        raise ValueError(
+            f"`{name}` is a 32-bit integer ('I' mode) image, whose range is ambiguous: convert it to 8-bit first, "
+            "e.g. `PIL.Image.fromarray((np.asarray(image) / 65535 * 255).astype('uint8'))` for 16-bit data."
+        )
+    return image.convert("RGB")
 
 
 def _array_to_image(array: np.ndarray, name: str) -> PIL.Image.Image:

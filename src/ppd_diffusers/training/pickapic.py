@@ -18,7 +18,9 @@ import numpy as np
 
 from ..preference_pairs import PreferencePair
 
-__all__ = ["DrawStats", "UserDraw", "load_pickapic_dataset", "pair_from_row", "sample_user_draws"]
+__all__ = ["DrawStats", "UserDraw", "check_labels", "load_pickapic_dataset", "pair_from_row", "sample_user_draws"]
+
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "user_id")
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,40 @@ class DrawStats:
 
 
 def _read_columns(dataset: Any, names: Sequence[str]) -> list[list]:
-    """The given columns as Python lists, read in one go (not row by row) from a ``datasets.Dataset``."""
+    """The given columns as Python lists, read in one go (not row by row) from a ``datasets.Dataset``.
+
+    Raises ``ValueError`` naming a missing column, and one naming the first row whose ``label_0`` is not a
+    Pick-a-Pic label (0, 0.5 or 1) when that column is read.
+    """
+    present = getattr(dataset, "column_names", None)
+    if present is not None:
+        missing = [name for name in names if name not in present]
+        if missing:
+            raise ValueError(
+                f"The dataset has no {', '.join(f'`{m}`' for m in missing)} column: Pick-a-Pic rows need "
+                f"{', '.join(PICKAPIC_COLUMNS)}; it has {sorted(present)}."
+            )
+    columns = _columns(dataset, names)
+    if "label_0" in names:
+        check_labels(columns[list(names).index("label_0")])
+    return columns
+
+
+def check_labels(labels: Sequence[Any]) -> None:
+    """Raises ``ValueError`` naming the first row whose ``label_0`` is not 0, 0.5 (a tie) or 1."""
+    for row, label in enumerate(labels):
+        _check_label(label, f"of dataset row {row} ")
+
+
+def _check_label(label: Any, where: str = "") -> None:
+    if isinstance(label, bool) or label not in (0, 0.5, 1):  # NaN is in no tuple
+        raise ValueError(
+            f"`label_0` {where}is {label!r}: Pick-a-Pic labels are 1 (image 0 preferred), 0 (image 1 preferred) "
+            "or 0.5 (a tie)."
+        )
+
+
+def _columns(dataset: Any, names: Sequence[str]) -> list[list]:
     if hasattr(dataset, "select_columns"):
         table = dataset.select_columns(list(names))[:]
         return [table[name] for name in names]
@@ -137,6 +172,7 @@ def pair_from_row(row: dict[str, Any]) -> PreferencePair:
         ValueError: For a tie (``label_0 == 0.5``), which has no preferred image.
     """
     label = row["label_0"]
+    _check_label(label)
     if label == 0.5:
         raise ValueError("A tied pair (`label_0 == 0.5`) has no preferred image.")
     first, second = (row["jpg_0"], row["jpg_1"]) if label == 1 else (row["jpg_1"], row["jpg_0"])
