@@ -110,3 +110,32 @@ def test_writes_are_atomic_and_concurrent_writers_are_safe(encoder, tmp_path):
     stored = cache.get(key)
     assert any(torch.equal(stored, v) for v in values)  # one whole write won, none is torn
     assert not [f for f in os.listdir(os.path.dirname(cache.path(key))) if f.endswith(".tmp")]
+
+
+def test_changed_weights_and_unreadable_entries_are_misses(tiny_clip_dir, tmp_path):
+    users = random_users(2, seed=12)
+    encoder = CLIPPreferenceEncoder.from_pretrained(tiny_clip_dir)
+    cache = UserEmbeddingCache(tmp_path, encoder)
+    first = cache.encode(users)
+    # weights changed in memory after loading (or new weights behind the same local path): new keys
+    with torch.no_grad():
+        next(encoder.model.parameters()).mul_(1.5)
+    changed = UserEmbeddingCache(tmp_path, encoder)
+    assert changed.fingerprint != cache.fingerprint
+    changed.encode(users)
+    assert (changed.hits, changed.misses) == (0, 2)
+    # a truncated and a wrongly shaped entry are encoded again and replaced, the others read
+    fresh = CLIPPreferenceEncoder.from_pretrained(tiny_clip_dir)
+    assert UserEmbeddingCache(tmp_path, fresh).fingerprint == cache.fingerprint  # the same weights, reloaded
+    files = sorted(_files(cache), key=os.path.getmtime)
+    with open(files[0], "r+b") as f:
+        f.truncate(20)
+    from safetensors.torch import save_file
+
+    save_file({"user_embedding": torch.zeros(3, 3)}, files[1])
+    again = UserEmbeddingCache(tmp_path, fresh)
+    torch.testing.assert_close(again.encode(users), first)
+    assert (again.hits, again.misses) == (0, 2)
+    repaired = UserEmbeddingCache(tmp_path, fresh)
+    repaired.encode(users)
+    assert (repaired.hits, repaired.misses) == (2, 0)

@@ -36,10 +36,12 @@ class UserEmbeddingCache:
     starts a fresh set of keys. Files are written to a
     temporary name and renamed into place, so several processes can fill one cache at once.
 
-    A Hub model is identified by its commit hash; a local model by its absolute path only, so clear
-    the cache after replacing the weights behind a path. Keys hash decoded pixels rather than file
-    bytes, so the same image stored as PNG or JPEG-decoded array is the same user; the price is that
-    a resumed run decodes the images of users it already has.
+    A Hub model is identified by its commit hash, a local one by its absolute path, and both by a digest
+    of the weights as loaded (``weights_digest``), so replacing the weights behind a path or changing them in
+    memory starts a fresh set of keys. A cached file that cannot be read (truncated, corrupt, or of
+    another shape) counts as a miss: the user is encoded again and the file replaced. Keys hash decoded
+    pixels rather than file bytes, so the same image stored as PNG or JPEG-decoded array is the same user;
+    the price is that a resumed run decodes the images of users it already has.
 
     Args:
         cache_dir: Folder of the cache (created if needed).
@@ -73,11 +75,19 @@ class UserEmbeddingCache:
         return os.path.join(self.directory, key[:2], f"{key}.safetensors")
 
     def get(self, key: str) -> torch.Tensor | None:
-        """The cached embedding ``(tokens, width)`` for ``key``, or ``None``."""
+        """The cached embedding ``(tokens, width)`` for ``key``, or ``None`` (also for an unreadable file)."""
         path = self.path(key)
         if not os.path.exists(path):
             return None
-        return load_file(path)["user_embedding"]
+        try:
+            embedding = load_file(path)["user_embedding"]
+        except Exception as error:  # safetensors raises its own error types for truncated or corrupt files
+            logger.warning("Unreadable cache entry %s (%s): encoding the user again.", path, error)
+            return None
+        if tuple(embedding.shape) != (self.encoder.num_tokens, self.encoder.embed_dim):
+            logger.warning("Cache entry %s has shape %s: encoding the user again.", path, tuple(embedding.shape))
+            return None
+        return embedding
 
     def put(self, key: str, embedding: torch.Tensor) -> None:
         """Stores one user's embedding ``(tokens, width)`` atomically."""

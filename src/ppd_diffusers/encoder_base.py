@@ -130,9 +130,30 @@ class BasePreferenceEncoder(nn.Module):
 
     def fingerprint(self) -> str:
         """A hash of what determines the embeddings: class, options, model revision, dtype, attention kernel,
-        image processor and its settings."""
+        image processor and its settings, and the weights themselves (see ``weights_digest``)."""
         identity = {"encoder_class": type(self).__name__, **self.config, **self._runtime_identity()}
+        identity["weights"] = self.weights_digest()
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+    @torch.no_grad()
+    def weights_digest(self) -> str:
+        """A hash of the wrapped model's weights as they are now, in one pass on their device.
+
+        Each parameter and buffer contributes its name, shape, dtype and its sum and sum of squares in float64,
+        rounded to 12 significant digits: new weights behind the same local path, or weights changed in
+        memory after loading, give another digest, while moving the model between devices almost never
+        does (a rounding boundary can, which only costs a cache miss).
+        """
+        digest = hashlib.sha256()
+        for name, tensor in (*self.model.named_parameters(), *self.model.named_buffers()):
+            if tensor.is_floating_point():
+                total = torch.sum(tensor, dtype=torch.float64)
+                squares = torch.linalg.vector_norm(tensor, dtype=torch.float64).square()
+                stats = f"{total.item():.12g},{squares.item():.12g}"
+            else:
+                stats = str(int(tensor.sum(dtype=torch.int64)))
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{stats};".encode())
+        return digest.hexdigest()
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Writes ``preference_encoder_config.json``: the model id/path, revision and every option.

@@ -66,6 +66,23 @@ class PreferenceEncoder(BasePreferenceEncoder):
         patches = (vision.image_size // vision.patch_size) ** 2
         self.tokens_per_image = patches + 1 - (model.config.vision_feature_select_strategy == "default")
         self.image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+        # the chat and image markers a prompt must not contain (longest first, so none hides inside another)
+        markers = {*tokenizer.all_special_tokens, *tokenizer.get_added_vocab(), self.image_token}
+        self._markers = sorted((m for m in markers if m), key=len, reverse=True)
+
+    def plain_prompt(self, prompt: str) -> str:
+        """``prompt`` without the model's special tokens (``<image>``, ``<|im_start|>``, ...).
+
+        A prompt is user text: an image marker in it would ask for an image that is not there, and a chat
+        marker would be read as conversation structure. They are removed (repeatedly, so that removing one
+        cannot leave another behind).
+        """
+        previous = None
+        while previous != prompt:
+            previous = prompt
+            for marker in self._markers:
+                prompt = prompt.replace(marker, "")
+        return prompt
 
     @classmethod
     def _from_model(
@@ -164,7 +181,8 @@ class PreferenceEncoder(BasePreferenceEncoder):
             "over the second.",
         ]
         for i, pair in enumerate(pairs, start=1):
-            lines += [f"Prompt {i}: {pair.prompt}", f"Preferred: {self.image_token}", f"Rejected: {self.image_token}"]
+            prompt = self.plain_prompt(pair.prompt)
+            lines += [f"Prompt {i}: {prompt}", f"Preferred: {self.image_token}", f"Rejected: {self.image_token}"]
         lines += [f"{self.config['question']}<|im_end|>", "<|im_start|>assistant", ""]
         return "\n".join(lines)
 
