@@ -1,4 +1,4 @@
-"""Train a PPD user adapter for Stable Cascade on Pick-a-Pic-format preference data.
+r"""Train a PPD user adapter for Stable Cascade on Pick-a-Pic-format preference data.
 
     python examples/train_ppd.py --dataset_name pickapic-latents \
         --user_embeddings user_embeddings/user_embeddings.safetensors \
@@ -13,14 +13,12 @@ Resume after a kill with `--resume_from_checkpoint latest`. `--help` lists every
 
 import logging
 
-from transformers import HfArgumentParser
-
 from ppd_diffusers.training import PPDTrainingArguments, TrainingResult, train_ppd
 
 
 def main() -> TrainingResult:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    parser = HfArgumentParser(PPDTrainingArguments, description=__doc__)
+    parser = PPDTrainingArguments.argument_parser(__doc__)
     (args,) = parser.parse_args_into_dataclasses()
     return train_ppd(args)
 

@@ -284,3 +284,34 @@ def test_pickled_weights_are_refused_unless_asked_for(adapter, tmp_path):
         UserAdapter.from_pretrained(tmp_path)
     loaded = UserAdapter.from_pretrained(tmp_path, use_safetensors=False)  # a pickle the caller trusts
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), adapter.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (dict(user_embed_dim="8"), "`user_embed_dim` must be a positive integer, got '8'"),
+        (dict(user_embed_dim=8.5), "`user_embed_dim` must be a positive integer, got 8.5"),
+        (dict(num_user_tokens=True), "`num_user_tokens` must be a positive integer, got True"),
+        (dict(block_heads=[0]), r"`block_heads` must be a non-empty list of positive integers, got \[0\]"),
+        (dict(block_channels=8), "`block_channels` must be a non-empty list of positive integers, got 8"),
+        (dict(block_channels=[8.0]), r"`block_channels` must be .* got \[8.0\]"),
+        (dict(block_channels=[], block_heads=[]), r"`block_channels` must be a non-empty list"),
+    ],
+)
+def test_bad_adapter_configs_are_named(config, message, tmp_path):
+    good = dict(user_embed_dim=8, block_channels=[8], block_heads=[2], user_token_dim=4)
+    with pytest.raises(ValueError, match=message):
+        UserAdapter(**{**good, **config})
+    # the same from a saved config file, as a Hub download would give it
+    UserAdapter(**good).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, **config}))
+    with pytest.raises(ValueError, match=message):
+        UserAdapter.from_pretrained(tmp_path)
+
+
+def test_a_missing_local_folder_is_not_reported_as_a_hub_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        UserAdapter.from_pretrained(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        UserAdapter.from_pretrained("./missing-adapter")

@@ -60,3 +60,23 @@ def test_cli_trains_a_base_model(tmp_path):
 def test_shipped_base_model_loads_and_follows_prompts():
     assert (BASE_MODEL_DIR / "model_index.json").is_file()
     assert color_accuracy(load_base_pipeline(), samples_per_prompt=4) >= 0.8  # chance: 0.25; measured 0.98
+
+
+def test_cli_refuses_bad_arguments_before_any_compute(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    cases = [
+        (["testbed", "--quick", "--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+        (["testbed", "--quick", "--out", str(blocked / "report")], "--out"),
+        (["train-testbed-base", "--output", str(tmp_path / "b"), "--batch_size", "0"], "must be at least 1, got 0"),
+        (["train-testbed-encoder", "--output", str(tmp_path / "e"), "--steps", "x"], "expected an integer, got 'x'"),
+    ]
+    for argv, message in cases:
+        proc = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        "is not a writable folder"
+        in subprocess.run(
+            [*CLI, "testbed", "--out", str(blocked / "r")], capture_output=True, text=True, timeout=600
+        ).stderr
+    )

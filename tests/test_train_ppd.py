@@ -146,8 +146,52 @@ def test_labels_other_than_0_half_and_1_are_refused_with_their_row(repos, label)
 def test_a_missing_column_is_named(repos):
     dataset = _dataset(repos, latents=False).remove_columns("label_0")
     embeddings, draws, _ = load_user_embeddings(repos["user_embeddings"])
-    with pytest.raises(ValueError, match=r"The dataset has no `label_0` column: Pick-a-Pic rows need caption"):
+    with pytest.raises(ValueError, match=r"The dataset has no `label_0` column: training pairs need caption, label_0"):
         PreferencePairsDataset(dataset, embeddings, draws, image_transform=_pixels)
+
+
+def test_help_is_readable_and_missing_arguments_give_a_usage_message():
+    import argparse
+
+    from ppd_diffusers.training import PPDTrainingArguments
+
+    parser = PPDTrainingArguments.argument_parser(SCRIPT.read_text().split('"""')[1])
+    text = parser.format_help()
+    assert "pickapic-latents \\\n        --user_embeddings" in text  # the description keeps its lines
+    assert "~25% slower" in text and "{'" not in text  # a % in a help string used to print a dict
+    entries = re.split(r"\n  --", text)
+    assert not [e for e in entries if e.count("default:") > 1]  # no default given twice
+    assert not [e for e in entries if e.startswith("dataset_name") and "(default:" in e]
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args_into_dataclasses(args=["--output_dir", "x"])
+    assert exit_info.value.code == 2
+    assert isinstance(parser, argparse.ArgumentParser)
+    usage = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=600)
+    assert usage.returncode == 2 and "the following arguments are required: --dataset_name" in usage.stderr
+    assert "Traceback" not in usage.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("all_ties", "No training pairs in"),
+        ("no_caption", "The dataset has no `caption` column"),
+        ("no_jpg_1", "The dataset has no `jpg_1` column"),
+    ],
+)
+def test_bad_data_is_reported_before_any_model_loads(repos, tmp_path, change, message):
+    from .toy_pickapic import write_parquet
+
+    rows = {k: v for k, v in toy_rows().items() if not k.startswith("latents")}
+    if change == "all_ties":
+        rows["label_0"] = [0.5] * len(rows["label_0"])
+    else:
+        del rows[change.removeprefix("no_")]
+    data = write_parquet(tmp_path / "data.parquet", rows)
+    # a Stage C that does not exist: the data must fail first, with its own message
+    args = _args(repos, tmp_path / "out", latents=False, dataset_name=data, pretrained_model_name_or_path="/no/model")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def test_training_arguments_reject_bad_values():

@@ -99,18 +99,21 @@ class UserAdapter(ModelMixin, ConfigMixin):
         ppd_diffusers_version: str | None = None,
     ):
         super().__init__()
-        if len(block_channels) != len(block_heads):
-            raise ValueError(
-                f"`block_channels` and `block_heads` need one entry per attention block, got "
-                f"{len(block_channels)} and {len(block_heads)}."
-            )
         for name, value in (
             ("user_embed_dim", user_embed_dim),
             ("num_user_tokens", num_user_tokens),
             ("user_token_dim", user_token_dim),
         ):
-            if value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+            if not _positive_int(value):
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name, values in (("block_channels", block_channels), ("block_heads", block_heads)):
+            if not isinstance(values, list | tuple) or not values or not all(_positive_int(v) for v in values):
+                raise ValueError(f"`{name}` must be a non-empty list of positive integers, got {values!r}.")
+        if len(block_channels) != len(block_heads):
+            raise ValueError(
+                f"`block_channels` and `block_heads` need one entry per attention block, got "
+                f"{len(block_channels)} and {len(block_heads)}."
+            )
         for channels, heads in zip(block_channels, block_heads, strict=True):
             if channels % heads:
                 raise ValueError(f"`block_channels` entry {channels} is not divisible by its `block_heads` {heads}.")
@@ -172,6 +175,10 @@ class UserAdapter(ModelMixin, ConfigMixin):
         """
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
+        source = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
+        if (os.path.isabs(source) or source.startswith((".", "~"))) and not os.path.isdir(source):
+            # a path, not a Hub id: say so instead of diffusers' "could not connect to the Hub"
+            raise FileNotFoundError(f"`pretrained_model_name_or_path` {source!r} is not a folder.")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -252,6 +259,10 @@ class UserAdapter(ModelMixin, ConfigMixin):
         if not (isinstance(value_scale, float | int) and value_scale == 1):
             values = tuple(v * value_scale for v in values)
         return UserKeyValues(keys=keys, values=values, scale=scale)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _package_version() -> str:

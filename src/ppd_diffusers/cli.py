@@ -5,9 +5,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["main"]
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum`` (bad values give a usage message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _check_writable(parser: argparse.ArgumentParser, option: str, folder: str) -> None:
+    """Fails now, with a usage message, if ``folder`` cannot be created or written (not after the compute)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        parser.error(f"{option} {folder!r} is not a writable folder: {error.strerror or error}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,21 +43,25 @@ def main(argv: list[str] | None = None) -> None:
     testbed = commands.add_parser("testbed", help="run the synthetic-user testbed and write its report")
     testbed.add_argument("--quick", action="store_true", help="the small configuration (minutes on a laptop CPU)")
     testbed.add_argument("--out", default="testbed-report", help="output folder")
-    testbed.add_argument("--seed", type=int, default=0)
+    testbed.add_argument("--seed", type=_count(0), default=0)
     testbed.add_argument("--base_model", help="a base-model pipeline folder (default: the shipped one)")
     testbed.add_argument("--encoder", help="a CLIP checkpoint folder for the preference encoder (default: shipped)")
     base = commands.add_parser("train-testbed-base", help="train the testbed's base model from scratch")
     base.add_argument("--output", required=True, help="pipeline folder to write")
-    base.add_argument("--steps", type=int, default=4000)
-    base.add_argument("--batch_size", type=int, default=32)
-    base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--steps", type=_count(1), default=4000)
+    base.add_argument("--batch_size", type=_count(1), default=32)
+    base.add_argument("--seed", type=_count(0), default=0)
     encoder = commands.add_parser("train-testbed-encoder", help="train the testbed's tiny CLIP preference encoder")
     encoder.add_argument("--output", required=True, help="checkpoint folder to write")
-    encoder.add_argument("--steps", type=int, default=1500)
-    encoder.add_argument("--batch_size", type=int, default=256)
-    encoder.add_argument("--num_scenes", type=int, default=20_000)
-    encoder.add_argument("--seed", type=int, default=0)
+    encoder.add_argument("--steps", type=_count(1), default=1500)
+    encoder.add_argument("--batch_size", type=_count(1), default=256)
+    encoder.add_argument("--num_scenes", type=_count(1), default=20_000)
+    encoder.add_argument("--seed", type=_count(0), default=0)
     args = parser.parse_args(argv)
+    if args.command == "testbed":
+        _check_writable(parser, "--out", args.out)
+    else:
+        _check_writable(parser, "--output", args.output)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import torch

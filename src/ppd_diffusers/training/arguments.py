@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["PPDTrainingArguments"]
 
@@ -14,8 +14,9 @@ DEFAULT_VALIDATION_PROMPTS = [
 ]
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
+def _help(text: str, required: bool = False) -> dict:
+    # argparse %-formats help strings: a bare "%" would print its parameter dict
+    return {"help": text.replace("%", "%%"), **({"required": True} if required else {})}
 
 
 @dataclass
@@ -41,12 +42,15 @@ class PPDTrainingArguments:
         default=None,
         metadata=_help(
             "Pick-a-Pic-format data: a Hub id, a data file or folder of files, or a folder written by "
-            "`save_to_disk` (e.g. by `examples/precompute_latents.py`, then latents are not recomputed)."
+            "`save_to_disk` (e.g. by `examples/precompute_latents.py`, then latents are not recomputed).",
+            required=True,
         ),
     )
     user_embeddings: str = field(
         default=None,
-        metadata=_help("The `user_embeddings.safetensors` written by `examples/compute_user_embeddings.py`."),
+        metadata=_help(
+            "The `user_embeddings.safetensors` written by `examples/compute_user_embeddings.py`.", required=True
+        ),
     )
     dataset_split: str = field(default="train", metadata=_help("Split of `dataset_name`."))
     max_train_samples: int | None = field(
@@ -120,7 +124,7 @@ class PPDTrainingArguments:
     mixed_precision: Literal["no", "bf16"] | None = field(
         default=None,
         metadata=_help(
-            "`bf16` (frozen models stored in bf16, adapter fp32 under autocast) or `no`; default: accelerate's"
+            "`bf16` (frozen models stored in bf16, adapter fp32 under autocast) or `no`; unset: accelerate's config"
         ),
     )
     gradient_checkpointing: bool = field(
@@ -149,8 +153,25 @@ class PPDTrainingArguments:
     validation_inference_steps: int = field(default=20, metadata=_help("Stage C steps of validation images."))
     validation_guidance_scale: float = field(default=4.0, metadata=_help("Guidance of validation images."))
     push_to_hub: bool = field(default=False, metadata=_help("Upload the adapter and its model card at the end."))
-    hub_model_id: str | None = field(default=None, metadata=_help("Hub repo (default: the output folder's name)."))
-    hub_token: str | None = field(default=None, metadata=_help("Hub token (default: the saved login)."))
+    hub_model_id: str | None = field(default=None, metadata=_help("Hub repo (unset: the output folder's name)."))
+    hub_token: str | None = field(default=None, metadata=_help("Hub token (unset: the saved login)."))
+
+    @classmethod
+    def argument_parser(cls, description: str | None = None) -> Any:
+        """A ``transformers.HfArgumentParser`` for these settings whose ``--help`` keeps ``description``'s layout.
+
+        Leaving out ``--dataset_name`` or ``--user_embeddings`` gives a usage message, not a traceback.
+        """
+        import argparse
+
+        from transformers import HfArgumentParser
+
+        class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+            def _get_help_string(self, action: argparse.Action) -> str | None:
+                # a required argument has no default to show
+                return action.help if action.required else super()._get_help_string(action)
+
+        return HfArgumentParser(cls, description=description, formatter_class=Formatter)
 
     def __post_init__(self):
         for name in ("dataset_name", "user_embeddings"):

@@ -121,6 +121,13 @@ class PreferencePairsDataset(Dataset):
                 "`image_transform` (e.g. one image through `preprocess_images`), or precompute the latents with "
                 "`add_stage_c_latents`."
             )
+        needed = ["caption", "label_0", "user_id", *(LATENT_COLUMNS if self.precomputed_latents else IMAGE_COLUMNS)]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise ValueError(
+                f"The dataset has no {', '.join(f'`{c}`' for c in missing)} column: training pairs need "
+                f"{', '.join(needed)} (or `latents_0`/`latents_1` instead of the images); it has {sorted(columns)}."
+            )
         self.dataset = dataset
         self.user_embeddings = user_embeddings
         self.draws = list(draws)

@@ -241,6 +241,28 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         repo_id = create_hub_repo(args) if args.push_to_hub else None
     accelerator.wait_for_everyone()
 
+    # ---------------------------------------------------------------- data (first: cheap checks before big models)
+    user_embeddings, draws, embedding_metadata = load_user_embeddings(args.user_embeddings)
+    with accelerator.main_process_first():  # one download or cache build, then the others read it
+        dataset = load_pickapic_dataset(args.dataset_name, args.dataset_split)
+    # held out whether or not grids are drawn, so the training pairs never depend on the validation settings
+    held_out = _validation_users(draws, args.num_validation_users, args.seed)
+    decodes_images = not {"latents_0", "latents_1"} <= set(dataset.column_names)
+    size = dict(height=args.resolution, width=args.resolution)
+    image_transform = partial(_effnet_pixels, **size) if decodes_images else None
+    pairs = PreferencePairsDataset(
+        dataset, user_embeddings, draws, image_transform=image_transform, exclude_users=held_out, seed=args.seed
+    )
+    if len(pairs) == 0:
+        raise ValueError(f"No training pairs in `{args.dataset_name}`: {pairs.stats}.")
+    _check_latent_size(pairs, args)
+    train_set: torch.utils.data.Dataset = pairs
+    stats = pairs.stats
+    if args.max_train_samples is not None and args.max_train_samples < len(pairs):
+        chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))
+        train_set = torch.utils.data.Subset(pairs, chosen[: args.max_train_samples].tolist())
+        stats = replace(stats, pairs=len(train_set), users=len(set(pairs.users_of(train_set.indices))))
+
     # ---------------------------------------------------------------- models
     # Stage B and A only make the validation images, which the main process draws
     validating = args.decoder_model_name_or_path is not None and args.num_validation_users > 0
@@ -266,7 +288,6 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         blocks = compile_blocks(pipe.prior)
         logger.info("torch.compile: %d Stage C blocks and the personalized attention (regional)", blocks)
 
-    user_embeddings, draws, embedding_metadata = load_user_embeddings(args.user_embeddings)
     if args.adapter_name_or_path is not None:
         adapter = UserAdapter.from_pretrained(args.adapter_name_or_path)
         adapter.check_unet(pipe.prior)
@@ -284,29 +305,8 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
             f"`user_embeddings` holds width {user_embeddings.shape[-1]}."
         )
     adapter.train()
+    image_encoder = _load_image_encoder(args, accelerator.device, weight_dtype) if decodes_images else None
 
-    # ---------------------------------------------------------------- data
-    with accelerator.main_process_first():  # one download or cache build, then the others read it
-        dataset = load_pickapic_dataset(args.dataset_name, args.dataset_split)
-    # held out whether or not grids are drawn, so the training pairs never depend on the validation settings
-    held_out = _validation_users(draws, args.num_validation_users, args.seed)
-    image_encoder, image_transform = None, None
-    columns = dataset.column_names
-    if not {"latents_0", "latents_1"} <= set(columns):
-        image_encoder = _load_image_encoder(args, accelerator.device, weight_dtype)
-        image_transform = partial(_effnet_pixels, height=args.resolution, width=args.resolution)
-    pairs = PreferencePairsDataset(
-        dataset, user_embeddings, draws, image_transform=image_transform, exclude_users=held_out, seed=args.seed
-    )
-    _check_latent_size(pairs, args)
-    if len(pairs) == 0:
-        raise ValueError(f"No training pairs in `{args.dataset_name}`: {pairs.stats}.")
-    train_set: torch.utils.data.Dataset = pairs
-    stats = pairs.stats
-    if args.max_train_samples is not None and args.max_train_samples < len(pairs):
-        chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))
-        train_set = torch.utils.data.Subset(pairs, chosen[: args.max_train_samples].tolist())
-        stats = replace(stats, pairs=len(train_set), users=len(set(pairs.users_of(train_set.indices))))
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=args.train_batch_size,
