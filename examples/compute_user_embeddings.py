@@ -27,6 +27,7 @@ from ppd_diffusers import BasePreferenceEncoder, CLIPPreferenceEncoder, Preferen
 from ppd_diffusers.training import (
     encode_user_draws,
     load_pickapic_dataset,
+    load_user_embeddings,
     merge_user_embedding_shards,
     sample_user_draws,
     save_user_embeddings,
@@ -80,23 +81,30 @@ def main() -> None:
     cache = UserEmbeddingCache(os.path.join(args.output_dir, "cache"), encoder)
     shard = os.path.join(args.output_dir, f"shard-{state.process_index:05d}.safetensors")
     with state.split_between_processes(draws) as my_draws:
-        embeddings = encode_user_draws(cache, dataset, my_draws, batch_size=args.batch_size)
+        encoded = encode_user_draws(cache, dataset, my_draws, batch_size=args.batch_size)
         metadata = {"encoder_fingerprint": encoder.fingerprint(), "encoder": encoder.config, "seed": args.seed}
-        save_user_embeddings(shard, embeddings, my_draws, metadata)
-    logger.info("process %d: %d from the cache, %d encoded", state.process_index, cache.hits, cache.misses)
+        metadata["unreadable"] = encoded.unreadable
+        save_user_embeddings(shard, encoded.embeddings, encoded.draws, metadata)
+    logger.info(
+        "process %d: %d from the cache, %d encoded, %d draws with unreadable images left out",
+        state.process_index, cache.hits, cache.misses, len(encoded.unreadable),
+    )  # fmt: skip
     state.wait_for_everyone()
 
     if state.is_main_process:
         shards = [os.path.join(args.output_dir, f"shard-{i:05d}.safetensors") for i in range(state.num_processes)]
         final = os.path.join(args.output_dir, "user_embeddings.safetensors")
         merge_user_embedding_shards(shards, final)
+        unreadable = load_user_embeddings(final)[2].get("unreadable", [])
         for path in shards:
             os.remove(path)
             os.remove(path + ".index.json")
         encoder.save_pretrained(os.path.join(args.output_dir, "encoder"))
         with open(os.path.join(args.output_dir, "stats.json"), "w") as f:
-            json.dump({k: v for k, v in vars(stats).items() if k != "per_user_pairs"}, f, indent=2)
-        logger.info("wrote %s (%d embeddings)", final, stats.draws)
+            summary = {k: v for k, v in vars(stats).items() if k != "per_user_pairs"}
+            json.dump({**summary, "draws_left_out_unreadable": unreadable}, f, indent=2)
+        kept = stats.draws - len(unreadable)
+        logger.info("wrote %s (%d embeddings, %d draws left out)", final, kept, len(unreadable))
     state.destroy_process_group()
 
 

@@ -109,7 +109,7 @@ def test_example_end_to_end_resumes_from_the_cache(dataset_file, tiny_llava_dir,
     args += ["--dtype", "float32", "--batch_size", "3", "--output_dir", str(out)]
     log = _run(args)
     assert "24 rows, 3 ties dropped; 4 users with a draw, 1 with fewer than 4 pairs skipped; 8 draws" in log
-    assert "3 from the cache, 5 encoded" in log
+    assert "3 from the cache, 5 encoded, 0 draws with unreadable images left out" in log
     embeddings, draws, meta = load_user_embeddings(out / "user_embeddings.safetensors")
     assert embeddings.shape == (8, 1, 32) and len(draws) == 8
     assert json.loads((out / "stats.json").read_text())["ties"] == 3
@@ -119,7 +119,7 @@ def test_example_end_to_end_resumes_from_the_cache(dataset_file, tiny_llava_dir,
     torch.testing.assert_close(embeddings, expected, rtol=1e-5, atol=1e-5)
     # a repeated run encodes nothing
     log = _run(args)
-    assert "8 from the cache, 0 encoded" in log
+    assert "8 from the cache, 0 encoded, 0 draws" in log
     assert torch.equal(load_user_embeddings(out / "user_embeddings.safetensors")[0], embeddings)
 
 
@@ -142,10 +142,28 @@ def test_example_splits_users_across_processes(dataset_file, tiny_llava_dir, tmp
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     log = _run([*args, "--output_dir", str(tmp_path / "two")], launcher)
-    assert "process 0: 0 from the cache, 2 encoded" in log and "process 1: 0 from the cache, 2 encoded" in log
+    assert "process 0: 0 from the cache, 2 encoded," in log and "process 1: 0 from the cache, 2 encoded," in log
     one, draws_one, _ = load_user_embeddings(tmp_path / "one" / "user_embeddings.safetensors")
     two, draws_two, _ = load_user_embeddings(tmp_path / "two" / "user_embeddings.safetensors")
     assert draws_one == draws_two
     torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
     assert not [f for f in os.listdir(tmp_path / "two") if f.startswith("shard-")]
     assert single
+
+
+def test_unreadable_images_leave_out_their_draw_and_are_named_with_their_row(tiny_llava_dir, tmp_path):
+    rows = pickapic_rows()
+    bad_row = rows["user_id"].index("dave") + 1  # a non-tied pair of dave's
+    rows["jpg_1"][bad_row] = b"not an image"
+    data = write_parquet(tmp_path / "bad.parquet", rows)
+    args = ["--dataset", data, "--encoder", tiny_llava_dir, "--layer", "2", "--dtype", "float32"]
+    args += ["--output_dir", str(tmp_path / "out")]
+    for attempt in range(2):  # a re-run does not fail at the same row either: it skips it again
+        log = _run(args)
+        assert f"process 0: {3 if attempt else 0} from the cache" in log
+    assert f"Left out user 'dave', draw 0: dataset row {bad_row}" in log
+    embeddings, draws, meta = load_user_embeddings(tmp_path / "out" / "user_embeddings.safetensors")
+    assert [d.user_id for d in draws] == ["alice", "bob", "erin"] and embeddings.shape[0] == 3
+    assert [(r["user_id"], r["row"]) for r in meta["unreadable"]] == [("dave", bad_row)]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["draws_left_out_unreadable"][0]["row"] == bad_row

@@ -8,6 +8,7 @@ from .pairs_dataset import PairStats, PreferencePairsDataset, collate_preference
 from .pickapic import DrawStats, UserDraw, load_pickapic_dataset, pair_from_row, sample_user_draws
 from .trainer import TrainingResult, train_ppd
 from .user_embeddings import (
+    EncodedDraws,
     encode_user_draws,
     load_user_embeddings,
     merge_user_embedding_shards,
@@ -26,6 +27,7 @@ __all__ = [
     "add_stage_c_latents",
     "collate_preference_pairs",
     "count_unreadable_rows",
+    "EncodedDraws",
     "encode_user_draws",
     "load_pickapic_dataset",
     "load_user_embeddings",

@@ -3,37 +3,90 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..embedding_cache import UserEmbeddingCache
-from .pickapic import UserDraw, pair_from_row
+from ..preference_pairs import PreferencePair, load_rgb_image
+from .pickapic import UserDraw, pair_from_row, undecoded_images
 
-__all__ = ["encode_user_draws", "load_user_embeddings", "merge_user_embedding_shards", "save_user_embeddings"]
+__all__ = [
+    "EncodedDraws",
+    "encode_user_draws",
+    "load_user_embeddings",
+    "merge_user_embedding_shards",
+    "save_user_embeddings",
+]
+
+logger = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".index.json"
 
 
+@dataclass
+class EncodedDraws:
+    """What ``encode_user_draws`` returns.
+
+    Args:
+        embeddings: ``(len(draws), tokens, width)``, row ``i`` the embedding of ``draws[i]``.
+        draws: The draws that were encoded, in their given order.
+        unreadable: One record per draw left out because an image of it could not be read: ``user_id``,
+            ``draw``, the dataset ``row`` of the first bad pair and the ``error``.
+    """
+
+    embeddings: torch.Tensor
+    draws: list[UserDraw]
+    unreadable: list[dict[str, Any]] = field(default_factory=list)
+
+
 def encode_user_draws(
     cache: UserEmbeddingCache, dataset: Any, draws: Sequence[UserDraw], batch_size: int = 8, chunk_size: int = 256
-) -> torch.Tensor:
-    """Embeddings ``(len(draws), tokens, width)`` of the draws, reading cached users, encoding the rest.
+) -> EncodedDraws:
+    """Embeds each draw (one user's pairs), reading cached users and encoding the rest.
 
-    Images are decoded chunk by chunk (``chunk_size`` users), so memory stays flat over many users.
+    Images are decoded chunk by chunk (``chunk_size`` users), so memory stays flat over many users. A draw
+    with an unreadable image is left out, logged and recorded with its dataset row rather than aborting the
+    run (a re-run would fail at the same row again).
     """
     from tqdm.auto import tqdm
 
-    chunks = []
+    if hasattr(dataset, "features"):  # decode here, so that a corrupt file is ours to catch and name
+        dataset, _ = undecoded_images(dataset, ["jpg_0", "jpg_1"])
+    chunks, kept, unreadable = [], [], []
     for start in tqdm(range(0, len(draws), chunk_size), desc="User embeddings", disable=len(draws) <= chunk_size):
-        users = [[pair_from_row(dataset[row]) for row in draw.rows] for draw in draws[start : start + chunk_size]]
-        chunks.append(cache.encode(users, batch_size=batch_size, show_progress=False))
-    if not chunks:
-        return torch.empty(0, cache.encoder.num_tokens, cache.encoder.embed_dim)
-    return torch.cat(chunks)
+        users = []
+        for draw in draws[start : start + chunk_size]:
+            pairs = _readable_pairs(dataset, draw, unreadable)
+            if pairs is not None:
+                users.append(pairs)
+                kept.append(draw)
+        if users:
+            chunks.append(cache.encode(users, batch_size=batch_size, show_progress=False))
+    for record in unreadable:
+        logger.warning("Left out user %r, draw %d: dataset row %d: %s", *record.values())
+    empty = torch.empty(0, cache.encoder.num_tokens, cache.encoder.embed_dim)
+    return EncodedDraws(torch.cat(chunks) if chunks else empty, kept, unreadable)
+
+
+def _readable_pairs(dataset: Any, draw: UserDraw, unreadable: list[dict[str, Any]]) -> list[PreferencePair] | None:
+    """The draw's pairs with decoded RGB images, or ``None`` (recorded in ``unreadable``) if one cannot be read."""
+    pairs = []
+    for row in draw.rows:
+        try:
+            pair = pair_from_row(dataset[row])
+            name = f"dataset row {row}"
+            images = (load_rgb_image(pair.chosen, f"{name} chosen"), load_rgb_image(pair.rejected, f"{name} rejected"))
+        except (ValueError, OSError, SyntaxError) as error:
+            unreadable.append({"user_id": draw.user_id, "draw": draw.draw, "row": row, "error": str(error)})
+            return None
+        pairs.append(PreferencePair(pair.prompt, *images))
+    return pairs
 
 
 def save_user_embeddings(
@@ -60,8 +113,14 @@ def load_user_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, list[Us
 
 
 def merge_user_embedding_shards(shards: Sequence[str | os.PathLike], path: str | os.PathLike) -> None:
-    """Concatenates shard files (in the given order) into one table at ``path``."""
+    """Concatenates shard files (in the given order) into one table at ``path``.
+
+    The metadata is the first shard's, with the ``unreadable`` records of every shard.
+    """
     parts = [load_user_embeddings(shard) for shard in shards]
     embeddings = torch.cat([p[0] for p in parts])
     draws = [d for p in parts for d in p[1]]
-    save_user_embeddings(path, embeddings, draws, parts[0][2] if parts else {})
+    metadata = dict(parts[0][2]) if parts else {}
+    if any("unreadable" in p[2] for p in parts):
+        metadata["unreadable"] = [record for p in parts for record in p[2].get("unreadable", [])]
+    save_user_embeddings(path, embeddings, draws, metadata)
