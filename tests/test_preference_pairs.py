@@ -160,3 +160,28 @@ def test_sixteen_bit_and_float_images_keep_their_brightness(tmp_path):
         load_rgb_image(PIL.Image.fromarray(np.full((4, 4), 2.0, dtype=np.float32)), "img")
     with pytest.raises(ValueError, match="`img` is a 32-bit integer \\('I' mode\\) image"):
         load_rgb_image(sixteen.convert("I"), "img")
+
+
+def test_huge_images_are_shrunk_while_decoded_and_small_ones_untouched():
+    rng = np.random.default_rng(0)
+    big = PIL.Image.fromarray(rng.integers(0, 256, (3000, 4000, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG")
+    for image in (buffer.getvalue(), big, np.asarray(big)):
+        shrunk = load_rgb_image(image, max_side=500)
+        assert shrunk.size == (500, 375)
+    assert big.size == (4000, 3000)  # the caller's image is not changed
+    small = PIL.Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    assert load_rgb_image(small, max_side=500) is small
+    (user,) = as_user_pairs([("a", big, small)], max_side=100)
+    assert user[0].chosen.size == (100, 75) and user[0].rejected.size == (30, 40)
+
+
+def test_encoders_shrink_at_four_times_their_vision_size(tiny_clip_dir, tiny_llava_dir):
+    from ppd_diffusers import CLIPPreferenceEncoder, PreferenceEncoder
+
+    for encoder in (
+        CLIPPreferenceEncoder.from_pretrained(tiny_clip_dir),
+        PreferenceEncoder.from_pretrained(tiny_llava_dir),
+    ):
+        assert encoder.max_image_side == 4 * encoder.model.config.vision_config.image_size

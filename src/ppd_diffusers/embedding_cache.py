@@ -111,7 +111,7 @@ class UserEmbeddingCache:
         Returns:
             A float32 CPU tensor ``(users, tokens, width)``, in the order of ``preference_pairs``.
         """
-        users = as_user_pairs(preference_pairs, self.encoder.num_pairs)
+        users = as_user_pairs(preference_pairs, self.encoder.num_pairs, max_side=self.encoder.max_image_side)
         keys = [self.key(pairs) for pairs in users]
         found = {i: emb for i, key in enumerate(keys) if (emb := self.get(key)) is not None}
         missing = [i for i in range(len(users)) if i not in found]

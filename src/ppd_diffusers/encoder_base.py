@@ -72,6 +72,15 @@ class BasePreferenceEncoder(nn.Module):
         """Tokens per user embedding."""
         raise NotImplementedError
 
+    @property
+    def max_image_side(self) -> int | None:
+        """Images larger than this are shrunk while they are decoded: 4x the side the vision tower sees,
+        so ordinary images (up to that size) reach the image processor untouched, and an 8000 px photo
+        does not cost gigabytes. ``None`` (no vision tower size known) keeps every size."""
+        vision = getattr(getattr(self.model, "config", None), "vision_config", None)
+        size = getattr(vision, "image_size", None)
+        return 4 * size if isinstance(size, int) else None
+
     def _encode_batch(self, users: list[list[PreferencePair]]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -122,7 +131,7 @@ class BasePreferenceEncoder(nn.Module):
         """
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}.")
-        users = as_user_pairs(preference_pairs, self.num_pairs)
+        users = as_user_pairs(preference_pairs, self.num_pairs, max_side=self.max_image_side)
         batches = [users[i : i + batch_size] for i in range(0, len(users), batch_size)]
         show = len(batches) > 1 if show_progress is None else show_progress
         outputs = [self._encode_batch(batch) for batch in tqdm(batches, desc="Encoding users", disable=not show)]

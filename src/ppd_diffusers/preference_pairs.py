@@ -42,29 +42,34 @@ class PreferencePair:
     rejected: ImageLike
 
 
-def load_rgb_image(image: ImageLike, name: str = "image") -> PIL.Image.Image:
+def load_rgb_image(image: ImageLike, name: str = "image", max_side: int | None = None) -> PIL.Image.Image:
     """Converts any supported image input to an RGB ``PIL.Image``.
 
     Args:
         image: The image (see ``PreferencePair`` for the accepted types).
         name: How the argument is named in error messages, e.g. ``preference_pairs[2].rejected``.
+        max_side: Shrink larger images (keeping their aspect ratio) so that neither side exceeds this; JPEG
+            files are then decoded at a reduced scale directly (``PIL`` draft mode), which keeps huge
+            images from costing gigabytes. ``None`` keeps the size.
 
     Raises:
         ValueError: The input is not an image or cannot be decoded; the message names ``name``.
     """
     if isinstance(image, PIL.Image.Image):
-        return _pil_to_rgb(image, name)
+        return _shrink(_pil_to_rgb(image, name), max_side)
     if isinstance(image, Mapping):  # a `datasets` Image feature with decode=False
         data = image.get("bytes") or image.get("path")
         if data is None:
             raise ValueError(f"`{name}` is a dict without `bytes` or `path`: {sorted(image)}.")
-        return load_rgb_image(data, name)
+        return load_rgb_image(data, name, max_side)
     if isinstance(image, bytes | bytearray | str | os.PathLike):
         source = io.BytesIO(image) if isinstance(image, bytes | bytearray) else image
         try:
             with PIL.Image.open(source) as opened:
+                if max_side is not None and max(opened.size) > max_side:
+                    opened.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
                 opened.load()
-                return _pil_to_rgb(opened, name)
+                return _shrink(_pil_to_rgb(opened, name), max_side)
         except (OSError, PIL.Image.DecompressionBombError, SyntaxError) as error:
             what = "bytes" if isinstance(image, bytes | bytearray) else f"file {os.fspath(image)!r}"
             raise ValueError(f"`{name}` is not a readable image ({what}): {error}") from error
@@ -77,11 +82,19 @@ def load_rgb_image(image: ImageLike, name: str = "image") -> PIL.Image.Image:
         # numpy has no bfloat16: every float tensor goes through float32
         image = (image if str(image.dtype) == "torch.uint8" else image.float()).numpy()
     if isinstance(image, np.ndarray):
-        return _array_to_image(image, name)
+        return _shrink(_array_to_image(image, name), max_side)
     raise ValueError(
         f"`{name}` must be a PIL image, a numpy array, a tensor, image bytes or a file path, "
         f"got {type(image).__name__}."
     )
+
+
+def _shrink(image: PIL.Image.Image, max_side: int | None) -> PIL.Image.Image:
+    if max_side is None or max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, PIL.Image.Resampling.LANCZOS)  # a new image: the caller's is not changed
 
 
 def _pil_to_rgb(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
@@ -123,7 +136,7 @@ def _array_to_image(array: np.ndarray, name: str) -> PIL.Image.Image:
     return PIL.Image.fromarray(array).convert("RGB")
 
 
-def _as_pair(item: Any, name: str) -> PreferencePair:
+def _as_pair(item: Any, name: str, max_side: int | None = None) -> PreferencePair:
     if isinstance(item, PreferencePair):
         prompt, chosen, rejected = item.prompt, item.chosen, item.rejected
     elif isinstance(item, Mapping):
@@ -142,8 +155,8 @@ def _as_pair(item: Any, name: str) -> PreferencePair:
         raise ValueError(f"`{name}.prompt` must be a non-empty string, got {prompt!r}.")
     return PreferencePair(
         prompt=prompt,
-        chosen=load_rgb_image(chosen, f"{name}.chosen"),
-        rejected=load_rgb_image(rejected, f"{name}.rejected"),
+        chosen=load_rgb_image(chosen, f"{name}.chosen", max_side),
+        rejected=load_rgb_image(rejected, f"{name}.rejected", max_side),
     )
 
 
@@ -156,7 +169,7 @@ def _is_single_user(items: Sequence[Any]) -> bool:
 
 
 def as_user_pairs(
-    pairs: Sequence[Any], num_pairs: int | None = None, name: str = "preference_pairs"
+    pairs: Sequence[Any], num_pairs: int | None = None, name: str = "preference_pairs", max_side: int | None = None
 ) -> list[list[PreferencePair]]:
     """Validates one user's pairs, or a list of users' pair lists, into ``[[PreferencePair, ...], ...]``.
 
@@ -166,6 +179,7 @@ def as_user_pairs(
         pairs: One user's pairs, or one list of pairs per user.
         num_pairs: The number of pairs each user must have (``None``: any positive number).
         name: The argument name used in error messages.
+        max_side: Shrink images whose longer side exceeds this (see ``load_rgb_image``).
 
     Raises:
         ValueError: Naming the argument and the index of the offending user/pair.
@@ -180,7 +194,7 @@ def as_user_pairs(
             raise ValueError(f"`{user_name}` must be a non-empty list of preference pairs.")
         if num_pairs is not None and len(user) != num_pairs:
             raise ValueError(f"`{user_name}` needs {num_pairs} pairs, got {len(user)}.")
-        result.append([_as_pair(item, f"{user_name}[{i}]") for i, item in enumerate(user)])
+        result.append([_as_pair(item, f"{user_name}[{i}]", max_side) for i, item in enumerate(user)])
     return result
 
 

@@ -62,7 +62,7 @@ def encode_user_draws(
     for start in tqdm(range(0, len(draws), chunk_size), desc="User embeddings", disable=len(draws) <= chunk_size):
         users = []
         for draw in draws[start : start + chunk_size]:
-            pairs = _readable_pairs(dataset, draw, unreadable)
+            pairs = _readable_pairs(dataset, draw, unreadable, cache.encoder.max_image_side)
             if pairs is not None:
                 users.append(pairs)
                 kept.append(draw)
@@ -74,14 +74,17 @@ def encode_user_draws(
     return EncodedDraws(torch.cat(chunks) if chunks else empty, kept, unreadable)
 
 
-def _readable_pairs(dataset: Any, draw: UserDraw, unreadable: list[dict[str, Any]]) -> list[PreferencePair] | None:
+def _readable_pairs(
+    dataset: Any, draw: UserDraw, unreadable: list[dict[str, Any]], max_side: int | None
+) -> list[PreferencePair] | None:
     """The draw's pairs with decoded RGB images, or ``None`` (recorded in ``unreadable``) if one cannot be read."""
     pairs = []
     for row in draw.rows:
         try:
             pair = pair_from_row(dataset[row])
             name = f"dataset row {row}"
-            images = (load_rgb_image(pair.chosen, f"{name} chosen"), load_rgb_image(pair.rejected, f"{name} rejected"))
+            images = tuple(load_rgb_image(image, f"{name} {which}", max_side) for which, image in
+                           (("chosen", pair.chosen), ("rejected", pair.rejected)))  # fmt: skip
         except (ValueError, OSError, SyntaxError) as error:
             unreadable.append({"user_id": draw.user_id, "draw": draw.draw, "row": row, "error": str(error)})
             return None
