@@ -167,3 +167,17 @@ def test_unreadable_images_leave_out_their_draw_and_are_named_with_their_row(tin
     assert [(r["user_id"], r["row"]) for r in meta["unreadable"]] == [("dave", bad_row)]
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["draws_left_out_unreadable"][0]["row"] == bad_row
+
+
+def test_empty_data_is_named(tmp_path):
+    import datasets
+
+    from ppd_diffusers.training import load_pickapic_dataset
+
+    columns = {"caption": [], "label_0": [], "user_id": []}
+    datasets.Dataset.from_dict(columns).to_parquet(tmp_path / "rows.parquet")
+    datasets.Dataset.from_dict(columns).save_to_disk(tmp_path / "saved")
+    (tmp_path / "rows.jsonl").write_text("")
+    for name in ("rows.parquet", "saved", "rows.jsonl"):
+        with pytest.raises(ValueError, match=r"\(split 'train'\) holds no rows"):
+            load_pickapic_dataset(tmp_path / name)

@@ -203,14 +203,28 @@ def load_pickapic_dataset(name_or_path: str | os.PathLike, split: str = "train",
     import datasets
 
     path = os.fspath(name_or_path)
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
-        dataset = datasets.load_from_disk(path)[split]
-    elif os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
-        dataset = datasets.load_from_disk(path)
-    else:
-        if os.path.isfile(path):
+    empty = ValueError(f"`{path}` (split {split!r}) holds no rows: Pick-a-Pic-format data needs at least one pair.")
+    try:
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
+            dataset = datasets.load_from_disk(path)[split]
+        elif os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
+            dataset = datasets.load_from_disk(path)
+        elif os.path.isfile(path):
+            if os.path.getsize(path) == 0:
+                raise empty
             extension = path.removesuffix(".gz").rsplit(".", 1)[-1]
             builder = {"jsonl": "json"}.get(extension, extension)
-            return datasets.load_dataset(builder, data_files=path, split=split, streaming=streaming)
-        return datasets.load_dataset(path, split=split, streaming=streaming)
+            dataset = datasets.load_dataset(builder, data_files=path, split=split, streaming=streaming)
+        else:
+            dataset = datasets.load_dataset(path, split=split, streaming=streaming)
+    except ValueError as error:
+        if "corresponds to no data" in str(error):  # datasets' words for a split without rows
+            raise empty from error
+        raise
+    except IndexError as error:  # what `load_from_disk` raises for a saved dataset of no rows
+        raise empty from error
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset
+    if len(dataset) == 0:
+        raise empty
     return dataset.to_iterable_dataset() if streaming else dataset
