@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -122,7 +123,9 @@ def test_save_and_load_reproduce_the_embeddings(tiny_llava_dir, tmp_path):
     )
     encoder.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preference_encoder_config.json").read_text())
-    assert saved["encoder_class"] == "PreferenceEncoder" and saved["model_name_or_path"] == tiny_llava_dir
+    # a local model is copied beside the config, so that the folder (or a Hub repo of it) loads anywhere
+    assert saved["encoder_class"] == "PreferenceEncoder" and saved["model_name_or_path"] == "./model"
+    assert (tmp_path / "model" / "config.json").is_file()
     assert (saved["layer"], saved["pooling"], saved["num_pairs"], saved["question"]) == (
         3,
         "last_k",
@@ -135,6 +138,10 @@ def test_save_and_load_reproduce_the_embeddings(tiny_llava_dir, tmp_path):
         assert isinstance(loaded, PreferenceEncoder) and loaded.fingerprint() == encoder.fingerprint()
         assert torch.equal(loaded.encode(users), encoder.encode(users))
     assert PreferenceEncoder.from_pretrained(tmp_path, layer=1).config["layer"] == 1  # kwargs override
+    encoder.save_pretrained(tmp_path / "pointer", copy_model=False)  # the model's path instead of a copy
+    pointer = json.loads((tmp_path / "pointer" / "preference_encoder_config.json").read_text())
+    assert pointer["model_name_or_path"] == tiny_llava_dir and not (tmp_path / "pointer" / "model").exists()
+    assert torch.equal(PreferenceEncoder.from_pretrained(tmp_path / "pointer").encode(users), encoder.encode(users))
 
 
 def test_dtype_and_device_map_arguments(tiny_llava_dir):
@@ -159,8 +166,6 @@ def test_half_precision_and_large_activations(tiny_llava_dir):
 
 def _fake_hub_cache(root, repo: str, snapshot_dir: str, commits: list[str]):
     """A Hugging Face cache holding `repo` at each commit, `refs/main` at the first one."""
-    import shutil
-
     repo_dir = root / f"models--{repo.replace('/', '--')}"
     for commit in commits:
         shutil.copytree(snapshot_dir, repo_dir / "snapshots" / commit)
@@ -188,7 +193,8 @@ print(encoder.config["revision"], encoder.fingerprint())
     assert revision == commits[0]
     (repo_dir / "refs" / "main").write_text(commits[1])  # the repo moved on upstream
     new_revision, new_fingerprint = run()
-    assert new_revision == commits[1] and new_fingerprint != fingerprint
+    # the commit is recorded; the fingerprint follows the weights, which are the same in both snapshots here
+    assert new_revision == commits[1] and new_fingerprint == fingerprint
 
 
 def test_works_without_torchvision(tiny_llava_dir):
@@ -232,3 +238,37 @@ def test_special_tokens_in_prompts_are_removed_not_obeyed(tiny_llava_dir):
     conversation = encoder.build_conversation(as_user_pairs(hostile)[0])
     assert conversation.count(encoder.image_token) == 8 and conversation.count("<|im_start|>") == 2
     torch.testing.assert_close(encoder.encode(hostile), encoder.encode(plain), rtol=0, atol=0)
+
+
+def test_pushed_encoder_with_a_local_model_loads_by_hub_id_elsewhere(tiny_llava_dir, tmp_path, monkeypatch):
+    """`push_to_hub` uploads the config and a copy of the local model; a fresh process loads it by repo id."""
+    from huggingface_hub import HfApi
+
+    uploaded = tmp_path / "uploaded"
+
+    def create_repo(self, repo_id, **kwargs):
+        return type("Repo", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):  # the Hub is out of reach: keep what would go up
+        shutil.copytree(folder_path, uploaded)
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    encoder = PreferenceEncoder.from_pretrained(tiny_llava_dir, layer=1, num_pairs=2)
+    assert encoder.push_to_hub("me/my-encoder") == "commit"
+    assert (uploaded / "model" / "config.json").is_file()
+    _fake_hub_cache(tmp_path / "hub", "me/my-encoder", str(uploaded), ["c" * 40])
+    code = (
+        "from ppd_diffusers import BasePreferenceEncoder; "
+        "e = BasePreferenceEncoder.from_pretrained('me/my-encoder'); "
+        "print(type(e).__name__, e.config['layer'], e.config['subfolder'], e.fingerprint())"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-4:] == ["PreferenceEncoder", "1", "model", encoder.fingerprint()]
+    assert isinstance(BasePreferenceEncoder.from_pretrained(uploaded), PreferenceEncoder)  # and as a folder
+    encoder.config["model_name_or_path"] = "org/hub-model"  # as if loaded by Hub id: nothing local to copy
+    with pytest.raises(ValueError, match="`copy_model=True` copies a model loaded from a local folder"):
+        encoder.save_pretrained(tmp_path / "again", copy_model=True)

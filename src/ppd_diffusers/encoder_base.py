@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = ["CONFIG_NAME", "BasePreferenceEncoder", "resolve_model_source"]
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "preference_encoder_config.json"
+MODEL_FOLDER = "model"  # where `save_pretrained` copies a local model
 _ENCODER_CLASSES: dict[str, type[BasePreferenceEncoder]] = {}
 # where the library's encoders live: a fresh process has imported none of them when it loads a saved one
 _ENCODER_MODULES = {
@@ -95,6 +97,9 @@ class BasePreferenceEncoder(nn.Module):
             "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
             "image_processor": type(self.image_processor).__name__,
             "image_processor_config": self.image_processor.to_dict(),
+            "tokenizer_vocab": hashlib.sha256(
+                json.dumps(sorted(self.tokenizer.get_vocab().items())).encode()
+            ).hexdigest(),
         }
 
     # ----------------------------------------------------------------------------------------------------
@@ -138,9 +143,14 @@ class BasePreferenceEncoder(nn.Module):
         return torch.cat(outputs).float()
 
     def fingerprint(self) -> str:
-        """A hash of what determines the embeddings: class, options, model revision, dtype, attention kernel,
-        image processor and its settings, and the weights themselves (see ``weights_digest``)."""
-        identity = {"encoder_class": type(self).__name__, **self.config, **self._runtime_identity()}
+        """A hash of what determines the embeddings: class, options, dtype, attention kernel, image processor
+        and its settings, tokenizer vocabulary, and the weights themselves (see ``weights_digest``).
+
+        Where the model was loaded from (path, Hub id, revision) does not count: the same weights give the
+        same fingerprint, whether from the Hub, a local folder or the copy a saved encoder holds."""
+        where = ("model_name_or_path", "revision", "subfolder")
+        options = {k: v for k, v in self.config.items() if k not in where}
+        identity = {"encoder_class": type(self).__name__, **options, **self._runtime_identity()}
         identity["weights"] = self.weights_digest()
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -164,19 +174,60 @@ class BasePreferenceEncoder(nn.Module):
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{stats};".encode())
         return digest.hexdigest()
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Writes ``preference_encoder_config.json``: the model id/path, revision and every option.
+    def save_pretrained(self, save_directory: str | os.PathLike, copy_model: bool | None = None) -> None:
+        """Writes ``preference_encoder_config.json`` (every option) and, for a local model, the model itself.
 
-        The wrapped model's weights are not copied; ``from_pretrained(save_directory)`` loads them again
-        from the id or path recorded here.
+        A model loaded from the Hub is recorded by its id and the commit it resolved to, which loads the same
+        weights anywhere. A model loaded from a local folder is copied into ``save_directory/model`` (its
+        files as they are on disk: weights, config, tokenizer, image processor), so that the folder, or a Hub
+        repo it is pushed to, loads elsewhere too; ``copy_model=False`` records the absolute path instead.
+
+        Args:
+            save_directory: The folder to write.
+            copy_model: Copy the model's folder (default: when it is local). ``True`` for a Hub model raises.
         """
         from . import __version__
 
         os.makedirs(save_directory, exist_ok=True)
         config = {"encoder_class": type(self).__name__, "encoder_module": type(self).__module__, **self.config}
         config["ppd_diffusers_version"] = __version__
+        source = os.path.join(self.config["model_name_or_path"], self.config.get("subfolder") or "")
+        local = os.path.isdir(source)
+        if copy_model if copy_model is not None else local:
+            if not local:
+                raise ValueError(
+                    "`copy_model=True` copies a model loaded from a local folder; this one came from the Hub and is "
+                    "recorded by id and commit."
+                )
+            target = os.path.join(save_directory, MODEL_FOLDER)
+            if os.path.realpath(source) != os.path.realpath(target):
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            config.update(model_name_or_path=f"./{MODEL_FOLDER}", subfolder=None, revision=None)
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload preference encoder",
+        copy_model: bool | None = None,
+    ) -> Any:
+        """Uploads what ``save_pretrained`` writes to the Hub repo ``repo_id`` (created if needed).
+
+        Returns:
+            The ``huggingface_hub`` commit info of the upload.
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, copy_model=copy_model)
+            return api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message)
 
     @classmethod
     def from_pretrained(
@@ -211,7 +262,16 @@ class BasePreferenceEncoder(nn.Module):
             )
         config.pop("ppd_diffusers_version", None)
         options = {key: config.pop(key) for key in encoder_class.config_keys if key in config}
-        return encoder_class._from_model(config.pop("model_name_or_path"), **{**options, **kwargs})
+        source = config.pop("model_name_or_path")
+        if source.startswith("./"):  # a model copied beside the config: in that folder, or that Hub repo
+            inner = os.path.join(subfolder or "", source[2:])
+            root = os.fspath(pretrained_model_name_or_path)
+            if os.path.isdir(root):
+                source = os.path.join(root, inner)
+            else:
+                source, options["subfolder"] = root, inner
+                options["revision"] = kwargs.pop("revision", None)
+        return encoder_class._from_model(source, **{**options, **kwargs})
 
 
 def _encoder_class(name: str | None, module: str | None) -> type[BasePreferenceEncoder] | None:
