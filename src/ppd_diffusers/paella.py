@@ -11,16 +11,22 @@ from __future__ import annotations
 
 try:
     from diffusers import PaellaVQModel as _DiffusersPaellaVQModel
-except ImportError:  # diffusers <= 0.42 keeps it in the deprecated Würstchen package only
+except ImportError:  # diffusers 0.36-0.42 keep it in the deprecated Würstchen package, earlier ones in wuerstchen
     try:
         from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import (
             PaellaVQModel as _DiffusersPaellaVQModel,
         )
-    except ImportError as err:
-        raise ImportError(
-            "This diffusers release no longer ships `PaellaVQModel` (Stable Cascade's Stage A), which decoding "
-            "images needs. Install `diffusers<0.43`, or generate Stage C latents only with `output_type='latent'`."
-        ) from err
+    except ImportError:
+        try:
+            from diffusers.pipelines.wuerstchen.modeling_paella_vq_model import (
+                PaellaVQModel as _DiffusersPaellaVQModel,
+            )
+        except ImportError as err:
+            raise ImportError(
+                "This diffusers release no longer ships `PaellaVQModel` (Stable Cascade's Stage A), which decoding "
+                "images needs. Install `diffusers<0.43`, or generate Stage C latents only with "
+                "`output_type='latent'`."
+            ) from err
 
 __all__ = ["PaellaVQModel"]
 
