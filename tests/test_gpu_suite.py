@@ -28,6 +28,7 @@ def suite():
     sys.path.remove(str(SUITE.parent))
 
 
+@pytest.mark.slow
 def test_tiny_mode_runs_every_section(tmp_path, suite):
     out = tmp_path / "suite.json"
     proc = _run("--tiny", "--output", str(out))

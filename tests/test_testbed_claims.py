@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # one quick testbed run: ~2.5 minutes
+
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
