@@ -203,6 +203,15 @@ def test_only_the_user_rows_pay_for_the_user_and_images_are_unchanged(pipe, monk
     torch.testing.assert_close(sliced, generate(pipe, ["a red cat", "a blue dog"], **call), rtol=0, atol=1e-6)
 
 
+def test_numpy_scalars_are_numbers(pipe):
+    import numpy as np
+
+    u = pipe.encode_user(USERS[0])
+    expected = generate(pipe, user_embeds=u, guidance_scale=4.0, preference_scale=0.5)
+    got = generate(pipe, user_embeds=u, guidance_scale=np.float32(4.0), preference_scale=[np.float32(0.5)])
+    torch.testing.assert_close(got, expected)
+
+
 def test_model_offload_unloads_the_encoders_before_stage_c(pipe):
     pipe.enable_model_cpu_offload(device="cpu")
     order = []

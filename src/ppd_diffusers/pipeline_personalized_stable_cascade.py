@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import ceil
@@ -231,8 +232,8 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
             return
         if _is_offloaded(self.prior):
             raise ValueError(
-                "`compile_prior(regional=False)` cannot trace the offload hooks of `enable_model_cpu_offload`: use "
-                "`compile_prior()` (regional), or compile before offloading is enabled and keep the models on the GPU."
+                "`compile_prior(regional=False)` cannot trace the offload hooks of `enable_model_cpu_offload`: with "
+                "offloading use `compile_prior()` (regional); whole graphs need the models kept on the accelerator."
             )
         self.prior.compile(**compile_kwargs)
         self._whole_prior_compile_kwargs = compile_kwargs
@@ -384,8 +385,7 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
             if not has_user:
                 raise ValueError("`preference_scale` weights a user, but no `preference_pairs`/`user_embeds` came.")
             scales = preference_scale if isinstance(preference_scale, list | tuple) else [preference_scale]
-            real = (isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) for s in scales)
-            if not all(real):
+            if not all(_is_real(s) for s in scales):
                 raise ValueError(
                     f"`preference_scale` must be a finite number or one per prompt, got {preference_scale!r}."
                 )
@@ -623,10 +623,14 @@ def _check_user_count(name: str, users: int, batch_size: int) -> None:
         )
 
 
+def _is_real(value: Any) -> bool:
+    """A finite real number, not a bool; numpy scalars count (``np.float32`` is no ``float``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
 def _check_real(name: str, value: Any, at_least: float | None = None) -> None:
     """A real, finite number (not a bool), at least ``at_least`` if given."""
-    real = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not real or (at_least is not None and value < at_least):
+    if not _is_real(value) or (at_least is not None and value < at_least):
         bound = "" if at_least is None else f" >= {at_least:g}"
         raise ValueError(f"`{name}` must be a finite number{bound}, got {value!r}.")
 
