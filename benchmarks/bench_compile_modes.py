@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2])
     parser.add_argument("--budget", type=float, default=360.0, help="seconds; later variants are skipped past it")
     parser.add_argument("--output")
-    own, rest = parser.parse_known_args()
+    own = parser.parse_args()
     args = parse_args(["--tiny"] if own.tiny else [])
     args.batch_sizes, args.budget, args.variants = own.batch_sizes, own.budget, own.variants
     args.rounds, args.warmup = (3, 1) if own.tiny else (20, 3)

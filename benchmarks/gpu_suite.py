@@ -117,8 +117,7 @@ def build_pipeline(args, unet: StableCascadeUNet, adapter: UserAdapter) -> Perso
     return pipe
 
 
-def free(*objects) -> None:
-    del objects
+def free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

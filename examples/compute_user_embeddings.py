@@ -27,7 +27,6 @@ from ppd_diffusers import BasePreferenceEncoder, CLIPPreferenceEncoder, Preferen
 from ppd_diffusers.training import (
     encode_user_draws,
     load_pickapic_dataset,
-    load_user_embeddings,
     merge_user_embedding_shards,
     sample_user_draws,
     save_user_embeddings,
@@ -82,7 +81,8 @@ def main() -> None:
     shard = os.path.join(args.output_dir, f"shard-{state.process_index:05d}.safetensors")
     with state.split_between_processes(draws) as my_draws:
         encoded = encode_user_draws(cache, dataset, my_draws, batch_size=args.batch_size)
-        metadata = {"encoder_fingerprint": encoder.fingerprint(), "encoder": encoder.config, "seed": args.seed}
+        # the cache computed the fingerprint (a pass over the weights) already
+        metadata = {"encoder_fingerprint": cache.fingerprint, "encoder": encoder.config, "seed": args.seed}
         metadata["unreadable"] = encoded.unreadable
         save_user_embeddings(shard, encoded.embeddings, encoded.draws, metadata)
     logger.info(
@@ -94,8 +94,7 @@ def main() -> None:
     if state.is_main_process:
         shards = [os.path.join(args.output_dir, f"shard-{i:05d}.safetensors") for i in range(state.num_processes)]
         final = os.path.join(args.output_dir, "user_embeddings.safetensors")
-        merge_user_embedding_shards(shards, final)
-        unreadable = load_user_embeddings(final)[2].get("unreadable", [])
+        unreadable = merge_user_embedding_shards(shards, final).get("unreadable", [])
         for path in shards:
             os.remove(path)
             os.remove(path + ".index.json")

@@ -115,8 +115,8 @@ def load_user_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, list[Us
     return load_file(os.fspath(path))["embeddings"], draws, index
 
 
-def merge_user_embedding_shards(shards: Sequence[str | os.PathLike], path: str | os.PathLike) -> None:
-    """Concatenates shard files (in the given order) into one table at ``path``.
+def merge_user_embedding_shards(shards: Sequence[str | os.PathLike], path: str | os.PathLike) -> dict[str, Any]:
+    """Concatenates shard files (in the given order) into one table at ``path``; returns its metadata.
 
     The metadata is the first shard's, with the ``unreadable`` records of every shard.
     """
@@ -127,3 +127,4 @@ def merge_user_embedding_shards(shards: Sequence[str | os.PathLike], path: str |
     if any("unreadable" in p[2] for p in parts):
         metadata["unreadable"] = [record for p in parts for record in p[2].get("unreadable", [])]
     save_user_embeddings(path, embeddings, draws, metadata)
+    return metadata
