@@ -65,7 +65,6 @@ def main() -> None:
                 clip_text_pooled=torch.zeros(args.pairs, 1, 16),
                 user_embeds=users[who],
                 loss_fn=loss_fn,
-                user_dropout=0.1,
                 generator=generator,
             )
             optimizer.zero_grad()

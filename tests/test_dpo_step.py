@@ -12,6 +12,7 @@ import torch
 from diffusers import StableCascadeUNet
 
 from ppd_diffusers import PPDLoss, UserAdapter
+from ppd_diffusers.noise import add_noise, sample_timesteps
 from ppd_diffusers.training import ppd_dpo_step
 
 from .conftest import USER_DIM, gradients_with_and_without_checkpointing, randomize_
@@ -94,14 +95,51 @@ def test_gradient_checkpointing_gives_the_same_gradients(adapter, saved_unet_dir
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
 
 
-def test_full_user_dropout_equals_zero_embeddings(model):
+class _RecordingLoss(PPDLoss):
+    """``PPDLoss`` that keeps the predictions it was given."""
+
+    def forward(self, model_pred, ref_pred, target, weight=None):
+        self.model_pred, self.ref_pred = model_pred.detach(), ref_pred
+        return super().forward(model_pred, ref_pred, target, weight)
+
+
+def test_dropped_pairs_run_the_pipelines_null_user(model, unet):
+    """Training's null user is the pipeline's: a dropped pair is predicted exactly as the pipeline's
+    text-only and negative rows (``user_rows`` leaves them out), as ``user_embeds=None`` and as scale 0."""
     randomize_(model.adapter)
     batch = _pairs()
-    dropped = _step(model, batch, user_dropout=1.0)
-    zeroed = _step(model, dict(batch, user_embeds=torch.zeros_like(batch["user_embeds"])))
-    assert torch.equal(dropped.loss, zeroed.loss)
-    kept = _step(model, batch)
-    assert not torch.equal(kept.loss, zeroed.loss)
+    loss_fn = _RecordingLoss(beta=5000)
+    out = _step(model, batch, user_dropout=1.0, loss_fn=loss_fn)
+    assert torch.equal(out.loss.detach(), LOG2)
+    out.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.adapter.parameters())  # nothing to learn
+    # the same noisy inputs the step drew (same generator order: timesteps, then noise)
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(4, generator=g)
+    noise = torch.randn(batch["latents_chosen"].shape, generator=g)
+    latents = torch.cat([batch["latents_chosen"], batch["latents_rejected"]])
+    noisy = add_noise(latents, torch.cat([noise] * 2), t.repeat(2))
+    cond = {name: batch[name].repeat(2, 1, 1) for name in ("clip_text_pooled", "clip_text")}
+    user_kv = model.adapter(batch["user_embeds"].repeat(2, 1, 1))
+    one_user = model.adapter(batch["user_embeds"][:1])
+    with torch.no_grad():
+        null_rows = model(noisy, t.repeat(2), **cond, user_kv=one_user, user_rows=0).sample  # the pipeline's null rows
+        plain = unet(noisy, t.repeat(2), **cond, clip_img=torch.zeros(8, 1, unet.config.clip_image_in_channels)).sample
+        with_user = model(noisy, t.repeat(2), **cond, user_kv=user_kv).sample
+    assert torch.equal(loss_fn.model_pred, null_rows) and torch.equal(loss_fn.model_pred, plain)
+    assert torch.equal(loss_fn.ref_pred, null_rows)
+    assert not torch.equal(with_user, null_rows)  # the adapter is not a no-op: the equality above means something
+
+
+def test_partial_dropout_nulls_exactly_the_dropped_pairs(model):
+    randomize_(model.adapter)
+    batch = _pairs(pairs=16)
+    loss_fn = _RecordingLoss(beta=5000)
+    _step(model, batch, user_dropout=0.5, loss_fn=loss_fn)
+    same = (loss_fn.model_pred == loss_fn.ref_pred).flatten(1).all(1)
+    dropped = same[:16]
+    assert torch.equal(dropped, same[16:])  # a pair's preferred and rejected halves share the null user
+    assert 0 < dropped.sum() < 16
 
 
 def test_steps_are_reproducible_with_a_generator(model):

@@ -7,7 +7,7 @@ import torch
 
 from ppd_diffusers.testbed.evaluate import bootstrap_ci, identification_probe, win_rates
 from ppd_diffusers.testbed.loop import PairPool, user_pairs
-from ppd_diffusers.testbed.report import line_plot
+from ppd_diffusers.testbed.report import interpolation_figure, multi_reward_figure
 from ppd_diffusers.testbed.rewards import RewardScaler, SyntheticUser, random_users
 
 
@@ -62,9 +62,18 @@ def test_win_rates_and_bootstrap():
     assert 0.5 <= low <= 0.65 <= high <= 0.8
 
 
-def test_line_plot_draws_each_series():
-    image = line_plot([0, 0.5, 1], {"a": [0, 1, 2], "b": [2, 1, 0]}, "title")
-    pixels = np.asarray(image)
-    assert image.size == (480, 320)
-    for color in ((214, 39, 40), (31, 119, 180)):
-        assert (pixels == color).all(-1).sum() > 50
+def test_figures_have_titled_axes_and_a_legend():
+    rewards = {"brightness": [2, 1, 0], "warmth": [0, 1, 2]}
+    path = {"users": ["brightness", "warmth"], "weights": [0, 0.5, 1], "rewards": rewards}
+    row = {"base": 0.0, "pooled_dpo": 0.2, "ppd": 0.8, "single_reward_dpo": 1.0, "share_of_bound": 0.8}
+    multi = {"steps": 3, "pairs_per_step": 2, "per_reward": {"brightness": row, "warmth": row}}
+    for figure in (interpolation_figure(path), multi_reward_figure(multi)):
+        (axes,) = figure.axes
+        assert axes.get_xlabel() and axes.get_ylabel() and axes.get_title()
+        assert axes.get_legend() is not None
+    (axes,) = interpolation_figure(path).axes
+    assert [line.get_label() for line in axes.get_lines()] == ["brightness", "warmth"]
+    assert list(axes.get_lines()[1].get_ydata()) == [0, 1, 2]
+    (axes,) = multi_reward_figure(multi).axes
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["brightness", "warmth"]
+    assert len(axes.patches) == 8  # 4 methods x 2 rewards

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
+
 from ppd_diffusers.testbed.base_model import BASE_MODEL_DIR, load_base_pipeline
 from ppd_diffusers.testbed.evaluate import color_accuracy
 from ppd_diffusers.testbed.loop import TestbedConfig
@@ -19,19 +21,31 @@ from ppd_diffusers.testing_utils import save_random_clip
 CLI = [sys.executable, "-m", "ppd_diffusers.cli"]
 MICRO = dict(
     pool_per_prompt=2, sample_steps=2, num_train_users=1, num_heldout_users=2, train_pairs_per_user=4, dpo_steps=3,
-    pooled_steps=1, bound_steps=1, eval_samples_per_user=2, eval_train_users=1, probe_users=4, interpolation_weights=2,
+    reward_user_pairs=4, reward_steps=1, reward_eval_samples=2, eval_samples_per_user=2, eval_train_users=1,
+    probe_users=4, interpolation_weights=2,
 )  # fmt: skip
 
 
 def test_micro_run_writes_the_report_and_seeds_reproduce(tmp_path):
     configs = [replace(TestbedConfig.quick(seed), **MICRO) for seed in (0, 0, 1)]
     runs = [run_testbed(config, tmp_path / f"{i}") for i, config in enumerate(configs)]
-    for name in ("report.json", "report.md", "interpolation.png", "samples_brightness.png", "samples_centring.png"):
+    names = ("report.json", "report.md", "multi_reward.png", "interpolation.png", "samples_saturation.png")
+    for name in names:
         assert (tmp_path / "0" / name).is_file(), name
     saved = json.loads((tmp_path / "0" / "report.json").read_text())
-    assert set(saved["per_reward"]) == {"brightness", "saturation", "warmth", "centring"}
-    assert all(row["single_reward_dpo"] is not None for row in saved["per_reward"].values())
-    assert len(saved["heldout_users"]["win_rates"]) == 2
+    table = saved["multi_reward"]["per_reward"]
+    assert set(table) == {"brightness", "saturation", "warmth", "centring"}
+    for row in table.values():
+        assert set(row) == {"base", "pooled_dpo", "ppd", "single_reward_dpo", "share_of_bound"}
+        gain = row["single_reward_dpo"] - row["base"]
+        if gain > 0:
+            assert row["share_of_bound"] == pytest.approx((row["ppd"] - row["base"]) / gain)
+    mixtures = saved["mixtures"]
+    assert len(mixtures["heldout_users"]["win_rates"]) == 2
+    assert set(mixtures["single_reward_users"]) == set(table)
+    assert mixtures["heldout_pooled_dpo"]["users"] == 2
+    assert saved["interpolation"]["weights"] == [0.0, 1.0]
+    assert "Multi-reward experiment" in (tmp_path / "0" / "report.md").read_text()
     for run in runs:
         run.pop("seconds"), run.pop("phase_seconds")
     assert runs[0] == runs[1]

@@ -5,6 +5,7 @@ Run it with ``ppd-diffusers testbed --quick``; see ``docs/guides/testbed.md``.
 
 from .base_model import load_base_pipeline, train_base_model
 from .encoder import describe, train_testbed_encoder
+from .experiments import interpolation, mixture_experiment, multi_reward_experiment
 from .loop import TestbedConfig
 from .rewards import REWARDS, RewardScaler, SyntheticUser, random_users, single_reward_users
 from .run import run_testbed
@@ -17,7 +18,10 @@ __all__ = [
     "SyntheticUser",
     "TestbedConfig",
     "describe",
+    "interpolation",
     "load_base_pipeline",
+    "mixture_experiment",
+    "multi_reward_experiment",
     "random_users",
     "run_testbed",
     "single_reward_users",

@@ -33,10 +33,14 @@ def encode_profiles(encoder, pool: PairPool, profiles: list[UserPairs], config: 
     return encoder.encode(users, batch_size=64)
 
 
-def sample_users(pipe, config: TestbedConfig, user_embeds: torch.Tensor | None, salt: int = 0) -> torch.Tensor:
-    """Latents ``(users or 1, eval_samples_per_user, 3, H, W)`` generated for each user (or by the plain
-    pipeline when ``user_embeds`` is None), with the same prompts and seeds for every user."""
-    samples, prompt_count = config.eval_samples_per_user, len(config.prompts)
+def sample_users(
+    pipe, config: TestbedConfig, user_embeds: torch.Tensor | None, salt: int = 0, samples: int | None = None
+) -> torch.Tensor:
+    """Latents ``(users or 1, samples, 3, H, W)`` generated for each user (or by the plain pipeline when
+    ``user_embeds`` is None), with the same prompts and seeds for every user; ``samples`` defaults to
+    ``config.eval_samples_per_user`` and is spread evenly over the prompts."""
+    samples = config.eval_samples_per_user if samples is None else samples
+    prompt_count = len(config.prompts)
     per_user = [config.prompts[i * prompt_count // samples] for i in range(samples)]
     seeds = [10_000_019 * (config.seed + 1) + salt + i for i in range(samples)]
     count = 1 if user_embeds is None else user_embeds.shape[0]

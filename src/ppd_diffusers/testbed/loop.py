@@ -34,10 +34,10 @@ logger = logging.getLogger(__name__)
 class TestbedConfig:
     """Sizes and hyperparameters of one testbed run.
 
-    ``quick()`` is the README's configuration (about 2.5 minutes on 2 CPU cores); ``full()`` has more
-    users, pairs, steps and evaluation images and runs the single-reward DPO bounds (about 18 minutes).
-    Every field can be changed with ``dataclasses.replace``; the comments beside the fields say why the
-    defaults are what they are (see also docs/guides/testbed.md).
+    ``quick()`` is the README's configuration (about 5 minutes on 2 CPU cores); ``full()`` has more pairs,
+    steps and evaluation images (about 20 minutes). Every field can be changed with ``dataclasses.replace``;
+    the comments beside the fields say why the defaults are what they are, and where they differ from the
+    Pick-a-Pic trainer's defaults (see also docs/guides/testbed.md).
 
     Examples:
         >>> from dataclasses import replace
@@ -51,22 +51,30 @@ class TestbedConfig:
     pool_per_prompt: int = 16
     sample_steps: int = 6
     guidance_scale: float = 3.0
-    user_guidance_scale: float | None = 1.0  # None: the user is guided with the prompt (see guided_prediction)
-    num_train_users: int = 192  # many users, few pairs each: the adapter must generalize across embeddings
-    num_heldout_users: int = 32
+    # None (the pipeline's default): the user is guided with the prompt; the guide's diagnosis measured 0.5-3
+    user_guidance_scale: float | None = None
     profile_pairs: int = 4
-    train_pairs_per_user: int = 8
-    dpo_steps: int = 200
-    pooled_steps: int = 24  # the pooled (user-less) DPO baseline
-    bound_steps: int = 0  # each single-reward DPO bound; 0 skips them (the quick mode)
     pairs_per_step: int = 16
-    learning_rate: float = 1e-3
-    beta: float = 500.0
-    user_dropout: float = 0.1
-    # Min-SNR damps the low-noise steps, where pairs differ only in noise-like detail
+    # trainer: 1e-5 for a 768-wide adapter on a 3.6B model over thousands of steps; here a 32-wide adapter
+    # has tens of steps (the guide's diagnosis: 1e-3 left the saturation reward-user below the base)
+    learning_rate: float = 3e-3
+    beta: float = 500.0  # trainer: 5000; the guide's diagnosis compares both at this budget
+    user_dropout: float = 0.0  # as the trainer: the null user is the adapter off, a dropped pair teaches nothing
+    # trainer: constant. Min-SNR damps the low-noise steps, where pairs differ only in noise-like detail
     timestep_weighting: Literal["constant", "min_snr"] = "min_snr"
-    eval_samples_per_user: int = 6  # spread evenly over the prompts; many users, few images: the CI is over users
-    eval_train_users: int = 28  # random training users evaluated besides the single-reward ones
+    num_user_tokens: int = 2  # trainer: 4 tokens of 768; a 64-channel UNet needs far less
+    user_token_dim: int = 32
+    # the multi-reward experiment: each reward one user; PPD, pooled DPO and each bound get `reward_steps`
+    reward_user_pairs: int = 64
+    reward_steps: int = 40
+    reward_eval_samples: int = 24  # per reward-user, spread over the prompts
+    # the mixture experiment: many users, few pairs each (the adapter must generalize across embeddings)
+    num_train_users: int = 192
+    num_heldout_users: int = 32
+    train_pairs_per_user: int = 8
+    dpo_steps: int = 100  # PPD and pooled DPO alike
+    eval_samples_per_user: int = 4  # spread evenly over the prompts; many users, few images: the CI is over users
+    eval_train_users: int = 12  # random training users evaluated besides the single-reward ones
     probe_users: int = 48
     probe_draws: int = 4
     interpolation_weights: int = 5
@@ -79,9 +87,9 @@ class TestbedConfig:
     @classmethod
     def full(cls, seed: int = 0) -> TestbedConfig:
         return cls(
-            seed=seed, pool_per_prompt=32, sample_steps=12, num_train_users=384, num_heldout_users=48,
-            train_pairs_per_user=16, dpo_steps=600, pooled_steps=150, bound_steps=150,
-            eval_samples_per_user=24, eval_train_users=28, probe_users=96,
+            seed=seed, pool_per_prompt=32, sample_steps=12, reward_user_pairs=192, reward_steps=100,
+            reward_eval_samples=48, num_train_users=384, num_heldout_users=48, train_pairs_per_user=16,
+            dpo_steps=300, eval_samples_per_user=12, eval_train_users=28, probe_users=96, interpolation_weights=7,
         )  # fmt: skip
 
 
@@ -179,7 +187,9 @@ def train_adapter(
     """
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    adapter = UserAdapter.from_unet(pipe.prior, user_embed_dim=embed_dim, num_user_tokens=2, user_token_dim=32)
+    adapter = UserAdapter.from_unet(
+        pipe.prior, embed_dim, num_user_tokens=config.num_user_tokens, user_token_dim=config.user_token_dim
+    )
     model = adapter.attach(pipe.prior)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.learning_rate, weight_decay=0.0)
     loss_fn = PPDLoss(beta=config.beta)

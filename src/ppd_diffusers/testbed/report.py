@@ -1,4 +1,8 @@
-"""The testbed's report: ``report.json``, ``report.md`` and PNG figures (drawn with PIL, no plotting library)."""
+"""The testbed's report: ``report.json``, ``report.md`` and matplotlib figures.
+
+matplotlib comes with the ``testbed`` extra (``pip install ppd-diffusers[testbed]``); it is imported only
+when the figures are drawn, and without pyplot (no global figure state, no display needed).
+"""
 
 from __future__ import annotations
 
@@ -6,105 +10,159 @@ import json
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
-import PIL.ImageDraw
 import torch
 
 from .shapes import to_pixels
 
-__all__ = ["line_plot", "write_report"]
+__all__ = ["interpolation_figure", "markdown", "multi_reward_figure", "sample_grid", "write_report"]
 
-PALETTE = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
-
-
-def line_plot(xs: list[float], series: dict[str, list[float]], title: str, size=(480, 320)) -> PIL.Image.Image:
-    """A minimal line chart: one coloured line per series, a legend, the y range printed."""
-    width, height = size
-    left, right, top, bottom = 50, 120, 30, 30
-    image = PIL.Image.new("RGB", size, "white")
-    draw = PIL.ImageDraw.Draw(image)
-    values = np.array(list(series.values()), dtype=float)
-    low, high = float(values.min()), float(values.max())
-    high = high if high > low else low + 1
-
-    def point(x: float, y: float) -> tuple[float, float]:
-        px = left + (x - min(xs)) / (max(xs) - min(xs) or 1) * (width - left - right)
-        return px, top + (high - y) / (high - low) * (height - top - bottom)
-
-    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
-    draw.text((left, 8), title, fill=(0, 0, 0))
-    draw.text((4, top), f"{high:.2f}", fill=(0, 0, 0))
-    draw.text((4, height - bottom - 10), f"{low:.2f}", fill=(0, 0, 0))
-    draw.text((left, height - bottom + 6), f"{min(xs):g}", fill=(0, 0, 0))
-    draw.text((width - right - 20, height - bottom + 6), f"{max(xs):g}", fill=(0, 0, 0))
-    for i, (name, ys) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        draw.line([point(x, y) for x, y in zip(xs, ys, strict=True)], fill=color, width=2)
-        draw.text((width - right + 8, top + 16 * i), name, fill=color)
-    return image
+METHODS = {"base": "base model", "pooled_dpo": "pooled DPO", "ppd": "PPD", "single_reward_dpo": "single-reward DPO"}
 
 
-def _grid(latents: torch.Tensor, rows: int, scale: int = 4) -> PIL.Image.Image:
-    pixels = (to_pixels(latents).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    cols = len(pixels) // rows
-    _, h, w, _ = pixels.shape
-    grid = pixels[: rows * cols].reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)
-    return PIL.Image.fromarray(grid).resize((cols * w * scale, rows * h * scale), PIL.Image.NEAREST)
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - the extra is installed by scripts/setup.sh
+        raise ImportError(
+            "The testbed's figures need matplotlib: `pip install ppd-diffusers[testbed]` or `pip install matplotlib`."
+        ) from error
+    return Figure(figsize=(width, height), layout="constrained")
 
 
-def write_report(report: dict, out: Path, grids: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Writes the JSON, the markdown tables and the figures: the interpolation curve, and for each
-    ``grids`` entry ``name: (base latents, personalized latents)`` an image grid ``samples_<name>.png``
-    (base samples on top, the same seeds for that user below)."""
+def multi_reward_figure(multi: dict):
+    """Grouped bars: per reward, the mean standardized reward of each method for that reward's user."""
+    rewards = list(multi["per_reward"])
+    figure = _figure(7.5, 3.6)
+    axes = figure.subplots()
+    width = 0.8 / len(METHODS)
+    for i, (key, label) in enumerate(METHODS.items()):
+        values = [multi["per_reward"][r][key] for r in rewards]
+        axes.bar(np.arange(len(rewards)) + (i - 1.5) * width, values, width, label=label)
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set_xticks(np.arange(len(rewards)), rewards)
+    axes.set_xlabel("reward (each reward is one user)")
+    axes.set_ylabel("mean reward of that user's images\n(standard deviations of the base pool)")
+    axes.set_title(f"Multi-reward experiment: {multi['steps']} steps x {multi['pairs_per_step']} pairs per method")
+    axes.legend(fontsize="small", ncols=2)
+    return figure
+
+
+def interpolation_figure(path: dict):
+    """Every reward's mean as the embedding moves from reward-user A (0) to reward-user B (1)."""
+    figure = _figure(6.0, 3.6)
+    axes = figure.subplots()
+    first, second = path["users"]
+    for name, values in path["rewards"].items():
+        style = "-o" if name in (first, second) else ":"
+        axes.plot(path["weights"], values, style, label=name, linewidth=2 if name in (first, second) else 1)
+    axes.set_xlabel(f"interpolation weight (0: the {first} user, 1: the {second} user)")
+    axes.set_ylabel("mean standardized reward (SD)")
+    axes.set_title(f"Moving the user embedding from the {first} user to the {second} user")
+    axes.legend(title="reward", fontsize="small")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def sample_grid(name: str, base: tuple[torch.Tensor, torch.Tensor], mine: tuple[torch.Tensor, torch.Tensor]):
+    """Base samples above the same seeds generated for the reward-user ``name``, each tile with its reward."""
+    columns = min(len(base[0]), 12)
+    figure = _figure(1.0 * columns, 2.5)
+    tiles = figure.subplots(2, columns, squeeze=False)
+    rows = zip((base, mine), ("base model", f"PPD, {name} user"), strict=True)
+    for row, ((latents, rewards), label) in enumerate(rows):
+        pixels = to_pixels(latents[:columns]).permute(0, 2, 3, 1).numpy()
+        for col in range(columns):
+            axes = tiles[row, col]
+            axes.imshow(pixels[col], interpolation="nearest")
+            axes.set_xticks([]), axes.set_yticks([])
+            axes.set_title(f"{rewards[col].item():+.1f}", fontsize="small")
+        tiles[row, 0].set_ylabel(label, fontsize="small")
+    figure.suptitle(f"Same seeds and prompts; above each image its standardized {name} reward")
+    return figure
+
+
+def write_report(report: dict, out: Path, samples: dict) -> None:
+    """Writes the JSON, the markdown and the figures (``multi_reward.png``, ``interpolation.png`` and per
+    reward-user ``samples_<reward>.png`` from ``samples[name] = ((base latents, rewards), (PPD latents,
+    rewards))``)."""
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    interpolation = report["interpolation"]
-    line_plot(
-        interpolation["weights"],
-        interpolation["rewards"],
-        f"rewards from user '{interpolation['users'][0]}' (0) to '{interpolation['users'][1]}' (1)",
-    ).save(out / "interpolation.png")
-    for name, (base, mine) in grids.items():
-        _grid(torch.cat([base, mine]), rows=2).save(out / f"samples_{name}.png")
+    multi_reward_figure(report["multi_reward"]).savefig(out / "multi_reward.png", dpi=100)
+    interpolation_figure(report["interpolation"]).savefig(out / "interpolation.png", dpi=100)
+    for name, (base, mine) in samples.items():
+        sample_grid(name, base, mine).savefig(out / f"samples_{name}.png", dpi=100)
     (out / "report.md").write_text(markdown(report))
+
+
+def _ci(summary: dict) -> str:
+    if summary["win_rate_mean"] is None:
+        return "no such user"
+    low, high = summary["win_rate_ci95"]
+    return f"{summary['win_rate_mean']:.0%} (95 % CI {low:.0%}–{high:.0%}, {summary['users']} users)"
 
 
 def markdown(report: dict) -> str:
     """The report's tables in markdown."""
+    multi, mixtures = report["multi_reward"], report["mixtures"]
     lines = [
         "# Synthetic-user testbed report",
         "",
-        "Mean standardized reward of generated images (0 = the base pool's mean, 1 = one standard deviation).",
-        "PPD is conditioned on the single-reward user of that column's reward.",
+        "Synthetic users on a miniature Stage C: these numbers test the implementation and the method's mechanics,",
+        "they are not comparable with the paper's figures on real Pick-a-Pic users.",
         "",
-        "| reward | base | pooled DPO | PPD (single-reward user) | single-reward DPO (bound) |",
-        "|---|---|---|---|---|",
+        "## Multi-reward experiment (each reward is one user)",
+        "",
+        f"Each method trains {multi['steps']} steps of {multi['pairs_per_step']} pairs; every reward-user has "
+        f"{multi['pairs_per_user']} training pairs and PPD sees it through 4 other pairs. Mean standardized reward "
+        f"of {multi['eval_samples']} images per user (0 = the base pool's mean, 1 = one standard deviation).",
+        "",
+        "| reward | base | pooled DPO | PPD | single-reward DPO (bound) | PPD's share of the bound's gain |"
+        " PPD beats base |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, row in report["per_reward"].items():
-        bound = "not run (--quick)" if row["single_reward_dpo"] is None else f"{row['single_reward_dpo']:+.2f}"
+    for name, row in multi["per_reward"].items():
+        share = "bound below base" if row["share_of_bound"] is None else f"{row['share_of_bound']:.0%}"
         lines.append(
-            f"| {name} | {row['base']:+.2f} | {row['pooled_dpo']:+.2f} | {row['ppd_single_reward_user']:+.2f} | "
-            f"{bound} |"
+            f"| {name} | {row['base']:+.2f} | {row['pooled_dpo']:+.2f} | {row['ppd']:+.2f} | "
+            f"{row['single_reward_dpo']:+.2f} | {share} | {multi['win_rates'][name]:.0%} |"
         )
-    heldout, train = report["heldout_users"], report["train_users"]
-    low, high = heldout["win_rate_ci95"]
-    train_low, train_high = train["win_rate_ci95"]
+    path = report["interpolation"]
+    first, second = path["users"]
+    monotone = ", ".join(f"{k} {'monotone' if v else 'not monotone'}" for k, v in path["monotone"].items())
+    heldout, train = mixtures["heldout_users"], mixtures["train_users"]
     probe = report["identification_probe"]
     encoder, oracle = probe["encoder"], probe["oracle_reward_differences"]
+    singles = ", ".join(
+        f"{name} {rate:.0%} ({mixtures['single_reward_gains'][name]:+.2f} SD)"
+        for name, rate in mixtures["single_reward_users"].items()
+    )
     lines += [
         "",
-        f"- Training users ({len(train['win_rates'])} evaluated): PPD beats the base under their own judge in "
-        f"{train['win_rate_mean']:.0%} of paired samples (95 % CI over users {train_low:.0%}–{train_high:.0%}; "
-        f"mean own-reward gain {train['own_reward_gain_mean']:+.2f} SD).",
-        f"- Held-out users ({len(heldout['win_rates'])}), from 4 pairs only: win rate {heldout['win_rate_mean']:.0%} "
-        "against the base "
-        f"(95 % bootstrap CI over users {low:.0%}–{high:.0%}; chance is 50 %).",
+        f"Interpolation from the {first} user to the {second} user ({len(path['weights'])} points): {monotone} "
+        "(`interpolation.png`).",
+        "",
+        "## Mixture users (random signed mixtures of the rewards, few pairs each)",
+        "",
+        f"PPD and pooled DPO each train {mixtures['steps']} steps. Win rate: how often the user's own judge prefers",
+        "the personalized image to the base image of the same seed and prompt (chance 50 %).",
+        "",
+        f"- Held-out users from 4 pairs: {_ci(heldout)}.",
+        f"- Held-out users not dominated by one reward (every |w_k| <= 0.71): {_ci(mixtures['heldout_mixed_users'])}.",
+        f"- Pooled DPO for the same held-out users: {_ci(mixtures['heldout_pooled_dpo'])}.",
+        f"- Training users: {_ci(train)}; mean own-reward gain {train['own_reward_gain_mean']:+.2f} SD.",
+        f"- Single-reward users in this adapter (win rate, own-reward gain): {singles}.",
         f"- User identification among {encoder['users']} users from one 4-pair draw: top-1 {encoder['top1']:.0%}, "
         f"top-5 {encoder['top5']:.0%} (chance {encoder['chance_top1']:.1%} / {encoder['chance_top5']:.1%}); "
         f"with the true reward differences (oracle) top-1 {oracle['top1']:.0%}, top-5 {oracle['top5']:.0%}.",
         f"- Run time {report['seconds']:.0f} s.",
         "",
-        "Figures: `interpolation.png` (rewards as the embedding moves between two users), `samples_<reward>.png`",
-        "(base samples on top, the same seeds generated for that single-reward user below).",
+        "## Figures",
         "",
+        "![The multi-reward table as bars](multi_reward.png)",
+        "",
+        "![Rewards along the interpolation](interpolation.png)",
+        "",
+        "Base images above the same seeds generated for each reward-user, each with its reward:",
+        "",
+        *(f"![{name} user](samples_{name}.png)\n" for name in multi["per_reward"]),
     ]
     return "\n".join(lines)

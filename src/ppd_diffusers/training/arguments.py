@@ -118,7 +118,11 @@ class PPDTrainingArguments:
         default="constant", metadata=_help("Weight of each timestep in the loss (see `timestep_weight`).")
     )
     user_dropout: float = field(
-        default=0.1, metadata=_help("Probability of training a pair without its user (enables user guidance).")
+        default=0.0,
+        metadata=_help(
+            "Probability of training a pair with the null user (the adapter off): such a pair teaches nothing, "
+            "user guidance works without it (paper: 0.1, with a zeroed embedding instead)."
+        ),
     )
     prompt_dropout: float = field(default=0.05, metadata=_help("Probability of training a pair on the empty prompt."))
     mixed_precision: Literal["no", "bf16"] | None = field(

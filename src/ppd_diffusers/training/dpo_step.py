@@ -49,8 +49,15 @@ def ppd_dpo_step(
     For each pair one timestep ``t`` and one noise ``eps`` are drawn and shared by its preferred and
     rejected latents. The reference prediction is the same UNet with the adapter off, under
     ``torch.no_grad()`` (no second copy of the model); the policy prediction conditions each pair on
-    its user. With probability ``user_dropout`` a pair's user embedding is replaced by zeros, so the
-    adapter also learns an unconditional behaviour (and a user guidance scale becomes possible).
+    its user.
+
+    **The null user is the adapter switched off**, here as everywhere in the library: a pair dropped by
+    ``user_dropout`` runs with user scale 0, exactly as the pipeline's text-only and unconditional
+    branches, ``user_embeds=None`` and ``preference_scale=0`` do. Its policy then equals the reference,
+    so a dropped pair contributes ``log 2`` to the loss and nothing to the gradient: dropout only thins
+    the batch, and the default is 0. (The paper instead zeroes the embedding, which makes the null user a
+    learned, pooled-DPO-like model that the user-less branches would have to run through the adapter;
+    the testbed measured no difference between the two, see docs/guides/testbed.md.)
 
     Args:
         model: A ``PersonalizedStageC`` (``adapter.attach(unet)``), possibly wrapped by ``accelerate``.
@@ -62,7 +69,7 @@ def ppd_dpo_step(
         clip_text: Optional prompt hidden states, one row per pair.
         clip_img: Optional CLIP image embeddings, one row per pair.
         loss_fn: The loss; defaults to ``PPDLoss()`` (beta 5000).
-        user_dropout: Probability of zeroing a pair's user embedding.
+        user_dropout: Probability of training a pair with the null user (the adapter off for that pair).
         timestep_weighting: The ``w(lambda_t)`` factor on beta (see ``timestep_weight``).
         generator: Random generator for timesteps, noise and dropout (reproducible steps).
 
@@ -72,7 +79,7 @@ def ppd_dpo_step(
     Examples:
         ```py
         from ppd_diffusers.training import ppd_dpo_step
-        out = ppd_dpo_step(model, lat_w, lat_l, pooled, users, user_dropout=0.1)
+        out = ppd_dpo_step(model, lat_w, lat_l, pooled, users)
         accelerator.backward(out.loss)
         ```
     """
@@ -92,9 +99,10 @@ def ppd_dpo_step(
 
     t = sample_timesteps(pairs, device=device, generator=generator)
     noise = randn_tensor(latents_chosen.shape, generator=generator, device=device, dtype=latents_chosen.dtype)
+    user_scale = 1.0
     if user_dropout > 0:
         keep = torch.rand(pairs, generator=generator, device=rng_device).to(device) >= user_dropout
-        user_embeds = user_embeds * keep.view(-1, *([1] * (user_embeds.ndim - 1))).to(user_embeds.dtype)
+        user_scale = _twice(keep.float())  # 0: the null user, the same as the pipeline's user-less branches
 
     noise, t2 = _twice(noise), _twice(t)
     noisy = add_noise(torch.cat([latents_chosen, latents_rejected]), noise, t2)
@@ -103,5 +111,5 @@ def ppd_dpo_step(
 
     with torch.no_grad():
         ref_pred = model(noisy, t2, **conditioning, user_embeds=None).sample
-    model_pred = model(noisy, t2, **conditioning, user_embeds=_twice(user_embeds)).sample
+    model_pred = model(noisy, t2, **conditioning, user_embeds=_twice(user_embeds), user_scale=user_scale).sample
     return loss_fn(model_pred, ref_pred, noise, weight=timestep_weight(t, timestep_weighting))

@@ -1,0 +1,181 @@
+"""The testbed's two experiments: reward-users (the paper's multi-reward table) and random-mixture users.
+
+*Multi-reward*: each reward is one user with an equal share of the preference data; one PPD adapter is
+trained on all of them, pooled Diffusion-DPO on the union of their pairs, and one single-reward DPO bound
+per reward on that reward's pairs alone, all with the same steps and pairs per step.
+
+*Mixtures*: many users with random signed mixtures of the rewards (and the single-reward users), a few
+pairs each; one PPD adapter and pooled DPO with the same steps; held-out users served from 4 pairs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .evaluate import bootstrap_ci, encode_profiles, sample_users, standardized_rewards, win_rates
+from .loop import PairPool, TestbedConfig, train_adapter, user_pairs
+from .rewards import REWARDS, SyntheticUser, random_users, single_reward_users
+
+__all__ = ["DOMINANT_WEIGHT", "interpolation", "mixture_experiment", "multi_reward_experiment"]
+
+# a user is "dominated" by one reward when that reward carries more than half of the taste: w_k^2 > 0.5
+DOMINANT_WEIGHT = 0.5**0.5
+
+
+def _no_user(embeds: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    """The constant embedding pooled DPO and the bounds are trained with (Diffusion-DPO without a user)."""
+    return torch.zeros(rows, *embeds.shape[1:])
+
+
+def _draw(pool: PairPool, users: list[SyntheticUser], count: int, config: TestbedConfig, rng: np.random.Generator):
+    drawn = [user_pairs(pool, u, config.profile_pairs + count, rng) for u in users]
+    return [d.split(config.profile_pairs)[0] for d in drawn], [d.split(config.profile_pairs)[1] for d in drawn]
+
+
+def _train_ppd_and_pooled(pipe, pool, training, embeds, encoder, config, name: str, steps: int):
+    """PPD on the users' own embeddings and pooled DPO (one constant embedding), same pairs and steps."""
+    ppd = train_adapter(pipe, pool, training, embeds, encoder.embed_dim, config, f"{name} PPD", steps)
+    constant = _no_user(embeds)
+    pooled = train_adapter(
+        pipe, pool, training, constant.expand(len(training), -1, -1), encoder.embed_dim, config, "pooled DPO", steps
+    )
+    return ppd, pooled, constant
+
+
+def _win_summary(rates: np.ndarray, seed: int) -> dict:
+    return {
+        "win_rate_mean": float(rates.mean()) if len(rates) else None,
+        "win_rate_ci95": bootstrap_ci(rates, np.random.default_rng(seed)) if len(rates) else None,
+        "users": len(rates),
+    }
+
+
+def multi_reward_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng: np.random.Generator) -> dict:
+    """The paper's multi-reward table in miniature; returns the report section and the PPD adapter.
+
+    Returns:
+        ``{"per_reward": {reward: {base, pooled_dpo, ppd, single_reward_dpo, share_of_bound}}, "ppd_rewards":
+        (users x rewards matrix), "win_rates": {reward: PPD's win rate for that reward-user}, ...}`` and, under
+        the key ``"_adapter"``/``"_embeds"``, the trained PPD adapter and the reward-users' embeddings (for the
+        interpolation; not written to the report).
+    """
+    users = single_reward_users()
+    profiles, training = _draw(pool, users, config.reward_user_pairs, config, rng)
+    embeds = encode_profiles(encoder, pool, profiles, config)
+    steps = config.reward_steps
+    ppd, pooled, constant = _train_ppd_and_pooled(pipe, pool, training, embeds, encoder, config, "multi-reward", steps)
+    bounds = [
+        train_adapter(pipe, pool, [training[k]], constant, encoder.embed_dim, config, f"{u.name} DPO", steps)
+        for k, u in enumerate(users)
+    ]
+
+    samples = config.reward_eval_samples
+    base_latents = sample_users(pipe, config, None, samples=samples)
+    base = standardized_rewards(pool, base_latents)
+    pipe.load_user_adapter(pooled)
+    pooled_rewards = standardized_rewards(pool, sample_users(pipe, config, constant, samples=samples))
+    pipe.load_user_adapter(ppd)
+    ppd_latents = sample_users(pipe, config, embeds, samples=samples)
+    ppd_rewards = standardized_rewards(pool, ppd_latents)
+    bound_rewards = []
+    for k, adapter in enumerate(bounds):
+        pipe.load_user_adapter(adapter)
+        latents = sample_users(pipe, config, constant, samples=samples)
+        bound_rewards.append(standardized_rewards(pool, latents)[0, :, k])
+    pipe.unload_user_adapter()
+
+    per_reward = {}
+    for k, name in enumerate(REWARDS):
+        row = {
+            "base": base[0, :, k].mean().item(),
+            "pooled_dpo": pooled_rewards[0, :, k].mean().item(),
+            "ppd": ppd_rewards[k, :, k].mean().item(),
+            "single_reward_dpo": bound_rewards[k].mean().item(),
+        }
+        bound_gain = row["single_reward_dpo"] - row["base"]
+        row["share_of_bound"] = (row["ppd"] - row["base"]) / bound_gain if bound_gain > 0 else None
+        per_reward[name] = row
+    wins = win_rates(users, ppd_rewards, base)
+    return {
+        "steps": steps,
+        "pairs_per_step": config.pairs_per_step,
+        "pairs_per_user": config.reward_user_pairs,
+        "eval_samples": samples,
+        "per_reward": per_reward,
+        "ppd_rewards": {u.name: ppd_rewards[k].mean(0).tolist() for k, u in enumerate(users)},
+        "win_rates": {u.name: float(w) for u, w in zip(users, wins, strict=True)},
+        "_adapter": ppd,
+        "_embeds": embeds,
+        "_samples": {
+            u.name: ((base_latents[0], base[0, :, k]), (ppd_latents[k], ppd_rewards[k, :, k]))
+            for k, u in enumerate(users)
+        },
+    }
+
+
+def mixture_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng: np.random.Generator) -> dict:
+    """Random-mixture users: PPD and pooled DPO with the same steps, win rates per user group and per axis."""
+    singles = single_reward_users()
+    train_users = singles + random_users(config.num_train_users, rng, "train")
+    heldout_users = random_users(config.num_heldout_users, np.random.default_rng(config.seed + 1), "heldout")
+    profiles, training = _draw(pool, train_users, config.train_pairs_per_user, config, rng)
+    heldout_profiles = [user_pairs(pool, u, config.profile_pairs, rng) for u in heldout_users]
+    train_embeds = encode_profiles(encoder, pool, profiles, config)
+    heldout_embeds = encode_profiles(encoder, pool, heldout_profiles, config)
+
+    steps = config.dpo_steps
+    ppd, pooled, constant = _train_ppd_and_pooled(
+        pipe, pool, training, train_embeds, encoder, config, "mixture", steps
+    )
+
+    evaluated = len(singles) + config.eval_train_users
+    base = standardized_rewards(pool, sample_users(pipe, config, None))
+    pipe.load_user_adapter(pooled)
+    pooled_rewards = standardized_rewards(pool, sample_users(pipe, config, constant))
+    pipe.load_user_adapter(ppd)
+    ppd_train = standardized_rewards(pool, sample_users(pipe, config, train_embeds[:evaluated]))
+    ppd_heldout = standardized_rewards(pool, sample_users(pipe, config, heldout_embeds))
+    pipe.unload_user_adapter()
+
+    heldout_wins = win_rates(heldout_users, ppd_heldout, base)
+    pooled_wins = win_rates(heldout_users, pooled_rewards.expand(len(heldout_users), -1, -1), base)
+    train_wins = win_rates(train_users[:evaluated], ppd_train, base)
+    weights = np.array([u.weights for u in heldout_users])
+    mixed = np.abs(weights).max(1) <= DOMINANT_WEIGHT
+    gains = [(u.score(mine) - u.score(base[0])).mean().item() for u, mine in zip(train_users, ppd_train, strict=False)]
+    return {
+        "steps": steps,
+        "train_users": {
+            **_win_summary(train_wins, config.seed),
+            "own_reward_gain_mean": float(np.mean(gains)),
+            "win_rates": train_wins.tolist(),
+        },
+        "heldout_users": {**_win_summary(heldout_wins, config.seed), "win_rates": heldout_wins.tolist()},
+        "heldout_mixed_users": _win_summary(heldout_wins[mixed], config.seed),
+        "heldout_pooled_dpo": _win_summary(pooled_wins, config.seed),
+        "single_reward_users": {u.name: float(w) for u, w in zip(singles, train_wins, strict=False)},
+        "single_reward_gains": {
+            u.name: (ppd_train[k, :, k] - base[0, :, k]).mean().item() for k, u in enumerate(singles)
+        },
+    }
+
+
+def interpolation(pipe, pool: PairPool, config: TestbedConfig, adapter, embeds: torch.Tensor, a: int, b: int) -> dict:
+    """Mean standardized rewards as the embedding moves in a straight line from reward-user ``a`` to ``b``."""
+    names = list(REWARDS)
+    weights = np.linspace(0, 1, config.interpolation_weights).tolist()
+    mixed = torch.cat([torch.lerp(embeds[a : a + 1], embeds[b : b + 1], w) for w in weights])
+    pipe.load_user_adapter(adapter)
+    rewards = standardized_rewards(pool, sample_users(pipe, config, mixed, salt=7, samples=config.reward_eval_samples))
+    pipe.unload_user_adapter()
+    means = {name: rewards[:, :, k].mean(1).tolist() for k, name in enumerate(names)}
+    return {
+        "users": [names[a], names[b]],
+        "weights": weights,
+        "rewards": means,
+        "monotone": {
+            names[a]: bool(np.all(np.diff(means[names[a]]) <= 0)),
+            names[b]: bool(np.all(np.diff(means[names[b]]) >= 0)),
+        },
+    }
