@@ -52,13 +52,22 @@ def _win_summary(rates: np.ndarray, seed: int) -> dict:
 
 
 def multi_reward_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng: np.random.Generator) -> dict:
-    """The paper's multi-reward table in miniature; returns the report section and the PPD adapter.
+    """The paper's multi-reward table in miniature (see the module docstring).
+
+    Args:
+        pipe: The testbed's base pipeline (``load_base_pipeline``).
+        pool: Base samples with their standardized rewards (``make_pool``).
+        encoder: The ``CLIPPreferenceEncoder`` that embeds each reward-user's 4 profile pairs.
+        config: ``reward_user_pairs``, ``reward_steps``, ``pairs_per_step`` and ``reward_eval_samples`` size it.
+        rng: Draws the pairs.
 
     Returns:
-        ``{"per_reward": {reward: {base, pooled_dpo, ppd, single_reward_dpo, share_of_bound}}, "ppd_rewards":
-        (users x rewards matrix), "win_rates": {reward: PPD's win rate for that reward-user}, ...}`` and, under
-        the key ``"_adapter"``/``"_embeds"``, the trained PPD adapter and the reward-users' embeddings (for the
-        interpolation; not written to the report).
+        The report section: ``per_reward`` (``base``, ``pooled_dpo``, ``ppd``, ``single_reward_dpo`` and
+        ``share_of_bound`` per reward), ``ppd_rewards`` (every reward of each reward-user's PPD images),
+        ``win_rates`` (PPD against the base per reward-user) and the budget. Three private keys are popped by
+        ``run_testbed`` before the report is written: ``_adapter`` (the PPD adapter), ``_embeds`` (the
+        reward-users' embeddings) and ``_samples`` (per reward-user ``((base latents, reward), (PPD latents,
+        reward))`` for the sample grids).
     """
     users = single_reward_users()
     profiles, training = _draw(pool, users, config.reward_user_pairs, config, rng)
@@ -115,7 +124,21 @@ def multi_reward_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig
 
 
 def mixture_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng: np.random.Generator) -> dict:
-    """Random-mixture users: PPD and pooled DPO with the same steps, win rates per user group and per axis."""
+    """Random-mixture users: PPD and pooled DPO with the same steps, win rates per user group and per axis.
+
+    Args:
+        pipe: The testbed's base pipeline.
+        pool: Base samples with their standardized rewards.
+        encoder: The preference encoder.
+        config: ``num_train_users``, ``train_pairs_per_user``, ``num_heldout_users``, ``dpo_steps`` and the
+            evaluation sizes.
+        rng: Draws the users' weights and pairs.
+
+    Returns:
+        The report section: win-rate summaries (mean, 95 % bootstrap interval, user count) of held-out users,
+        held-out users not dominated by one reward (every ``|w_k| <= DOMINANT_WEIGHT``), pooled DPO on the
+        same held-out users and training users, plus each single-reward user's win rate and own-reward gain.
+    """
     singles = single_reward_users()
     train_users = singles + random_users(config.num_train_users, rng, "train")
     heldout_users = random_users(config.num_heldout_users, np.random.default_rng(config.seed + 1), "heldout")
@@ -162,7 +185,21 @@ def mixture_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng
 
 
 def interpolation(pipe, pool: PairPool, config: TestbedConfig, adapter, embeds: torch.Tensor, a: int, b: int) -> dict:
-    """Mean standardized rewards as the embedding moves in a straight line from reward-user ``a`` to ``b``."""
+    """Mean standardized rewards as the embedding moves in a straight line from reward-user ``a`` to ``b``.
+
+    Args:
+        pipe: The testbed's base pipeline.
+        pool: Base samples (for the reward scaler).
+        config: ``interpolation_weights`` points, ``reward_eval_samples`` images each.
+        adapter: The multi-reward PPD adapter.
+        embeds: The reward-users' embeddings, in ``REWARDS`` order.
+        a: Index of the first reward-user.
+        b: Index of the second.
+
+    Returns:
+        ``users``, ``weights``, each reward's mean per weight, and whether reward ``a`` falls and reward ``b``
+        rises monotonically (``monotone``).
+    """
     names = list(REWARDS)
     weights = np.linspace(0, 1, config.interpolation_weights).tolist()
     mixed = torch.cat([torch.lerp(embeds[a : a + 1], embeds[b : b + 1], w) for w in weights])

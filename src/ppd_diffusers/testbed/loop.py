@@ -35,7 +35,7 @@ class TestbedConfig:
     """Sizes and hyperparameters of one testbed run.
 
     ``quick()`` is the README's configuration (about 5 minutes on 2 CPU cores); ``full()`` has more pairs,
-    steps and evaluation images (about 20 minutes). Every field can be changed with ``dataclasses.replace``;
+    steps and evaluation images (about 17 minutes). Every field can be changed with ``dataclasses.replace``;
     the comments beside the fields say why the defaults are what they are, and where they differ from the
     Pick-a-Pic trainer's defaults (see also docs/guides/testbed.md).
 
