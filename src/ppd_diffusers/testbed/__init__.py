@@ -5,7 +5,7 @@ Run it with ``ppd-diffusers testbed --quick``; see ``docs/guides/testbed.md``.
 
 from .base_model import load_base_pipeline, train_base_model
 from .encoder import describe, train_testbed_encoder
-from .experiments import interpolation, mixture_experiment, multi_reward_experiment
+from .experiments import MultiRewardModels, interpolation, mixture_experiment, multi_reward_experiment
 from .loop import TestbedConfig
 from .rewards import REWARDS, RewardScaler, SyntheticUser, random_users, single_reward_users
 from .run import run_testbed
@@ -14,6 +14,7 @@ from .scheduler import ClippedDDPMWuerstchenScheduler
 __all__ = [
     "REWARDS",
     "ClippedDDPMWuerstchenScheduler",
+    "MultiRewardModels",
     "RewardScaler",
     "SyntheticUser",
     "TestbedConfig",

@@ -10,14 +10,17 @@ pairs each; one PPD adapter and pooled DPO with the same steps; held-out users s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from ..adapter import UserAdapter
 from .evaluate import bootstrap_ci, encode_profiles, sample_users, standardized_rewards, win_rates
 from .loop import PairPool, TestbedConfig, train_adapter, user_pairs
 from .rewards import REWARDS, SyntheticUser, random_users, single_reward_users
 
-__all__ = ["DOMINANT_WEIGHT", "interpolation", "mixture_experiment", "multi_reward_experiment"]
+__all__ = ["DOMINANT_WEIGHT", "MultiRewardModels", "interpolation", "mixture_experiment", "multi_reward_experiment"]
 
 # a user is "dominated" by one reward when that reward carries more than half of the taste: w_k^2 > 0.5
 DOMINANT_WEIGHT = 0.5**0.5
@@ -51,7 +54,24 @@ def _win_summary(rates: np.ndarray, seed: int) -> dict:
     }
 
 
-def multi_reward_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng: np.random.Generator) -> dict:
+@dataclass
+class MultiRewardModels:
+    """What the multi-reward experiment leaves besides its table.
+
+    Args:
+        adapter: The PPD adapter trained for the reward-users.
+        embeds: The reward-users' embeddings, in ``REWARDS`` order.
+        samples: Per reward-user ``((base latents, reward), (PPD latents, reward))`` of the same seeds.
+    """
+
+    adapter: UserAdapter
+    embeds: torch.Tensor
+    samples: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+
+
+def multi_reward_experiment(
+    pipe, pool: PairPool, encoder, config: TestbedConfig, rng: np.random.Generator
+) -> tuple[dict, MultiRewardModels]:
     """The paper's multi-reward table in miniature (see the module docstring).
 
     Args:
@@ -64,10 +84,8 @@ def multi_reward_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig
     Returns:
         The report section: ``per_reward`` (``base``, ``pooled_dpo``, ``ppd``, ``single_reward_dpo`` and
         ``share_of_bound`` per reward), ``ppd_rewards`` (every reward of each reward-user's PPD images),
-        ``win_rates`` (PPD against the base per reward-user) and the budget. Three private keys are popped by
-        ``run_testbed`` before the report is written: ``_adapter`` (the PPD adapter), ``_embeds`` (the
-        reward-users' embeddings) and ``_samples`` (per reward-user ``((base latents, reward), (PPD latents,
-        reward))`` for the sample grids).
+        ``win_rates`` (PPD against the base per reward-user) and the budget; and a ``MultiRewardModels`` with
+        what the interpolation and the sample grids need (not written to the report).
     """
     users = single_reward_users()
     profiles, training = _draw(pool, users, config.reward_user_pairs, config, rng)
@@ -114,13 +132,14 @@ def multi_reward_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig
         "per_reward": per_reward,
         "ppd_rewards": {u.name: ppd_rewards[k].mean(0).tolist() for k, u in enumerate(users)},
         "win_rates": {u.name: float(w) for u, w in zip(users, wins, strict=True)},
-        "_adapter": ppd,
-        "_embeds": embeds,
-        "_samples": {
+    }, MultiRewardModels(
+        adapter=ppd,
+        embeds=embeds,
+        samples={
             u.name: ((base_latents[0], base[0, :, k]), (ppd_latents[k], ppd_rewards[k, :, k]))
             for k, u in enumerate(users)
         },
-    }
+    )
 
 
 def mixture_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng: np.random.Generator) -> dict:
@@ -163,10 +182,13 @@ def mixture_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng
 
     heldout_wins = win_rates(heldout_users, ppd_heldout, base)
     pooled_wins = win_rates(heldout_users, pooled_rewards.expand(len(heldout_users), -1, -1), base)
-    train_wins = win_rates(train_users[:evaluated], ppd_train, base)
+    train_wins = win_rates(train_users[:evaluated], ppd_train, base)  # the single-reward users come first
     weights = np.array([u.weights for u in heldout_users])
     mixed = np.abs(weights).max(1) <= DOMINANT_WEIGHT
-    gains = [(u.score(mine) - u.score(base[0])).mean().item() for u, mine in zip(train_users, ppd_train, strict=False)]
+    evaluated_users = train_users[:evaluated]
+    gains = [
+        (u.score(mine) - u.score(base[0])).mean().item() for u, mine in zip(evaluated_users, ppd_train, strict=True)
+    ]
     return {
         "steps": steps,
         "train_users": {
@@ -177,7 +199,7 @@ def mixture_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng
         "heldout_users": {**_win_summary(heldout_wins, config.seed), "win_rates": heldout_wins.tolist()},
         "heldout_mixed_users": _win_summary(heldout_wins[mixed], config.seed),
         "heldout_pooled_dpo": _win_summary(pooled_wins, config.seed),
-        "single_reward_users": {u.name: float(w) for u, w in zip(singles, train_wins, strict=False)},
+        "single_reward_users": {u.name: float(w) for u, w in zip(singles, train_wins[: len(singles)], strict=True)},
         "single_reward_gains": {
             u.name: (ppd_train[k, :, k] - base[0, :, k]).mean().item() for k, u in enumerate(singles)
         },

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .experiments import DOMINANT_WEIGHT
 from .shapes import to_pixels
 
 __all__ = ["interpolation_figure", "markdown", "multi_reward_figure", "sample_grid", "write_report"]
@@ -146,7 +147,8 @@ def markdown(report: dict) -> str:
         "the personalized image to the base image of the same seed and prompt (chance 50 %).",
         "",
         f"- Held-out users from 4 pairs: {_ci(heldout)}.",
-        f"- Held-out users not dominated by one reward (every |w_k| <= 0.71): {_ci(mixtures['heldout_mixed_users'])}.",
+        f"- Held-out users not dominated by one reward (every |w_k| <= {DOMINANT_WEIGHT:.2f}): "
+        f"{_ci(mixtures['heldout_mixed_users'])}.",
         f"- Pooled DPO for the same held-out users: {_ci(mixtures['heldout_pooled_dpo'])}.",
         f"- Training users: {_ci(train)}; mean own-reward gain {train['own_reward_gain_mean']:+.2f} SD.",
         f"- Single-reward users in this adapter (win rate, own-reward gain): {singles}.",

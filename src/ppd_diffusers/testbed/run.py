@@ -61,10 +61,11 @@ def run_testbed(
     phase_done("pool")
 
     logger.info("Multi-reward experiment: each reward one user")
-    multi = multi_reward_experiment(pipe, pool, preference_encoder, config, rng)
-    adapter, embeds, samples = multi.pop("_adapter"), multi.pop("_embeds"), multi.pop("_samples")
+    multi, models = multi_reward_experiment(pipe, pool, preference_encoder, config, rng)
     names = list(REWARDS)
-    path = interpolation(pipe, pool, config, adapter, embeds, names.index("brightness"), names.index("warmth"))
+    path = interpolation(
+        pipe, pool, config, models.adapter, models.embeds, names.index("brightness"), names.index("warmth")
+    )
     phase_done("multi_reward")
     logger.info("Mixture experiment: %d training users", config.num_train_users + len(names))
     mixture = mixture_experiment(pipe, pool, preference_encoder, config, rng)
@@ -79,7 +80,7 @@ def run_testbed(
         "seconds": time.perf_counter() - start,
         "phase_seconds": phases,
     }
-    write_report(report, out, samples)
+    write_report(report, out, models.samples)
     return report
 
 
