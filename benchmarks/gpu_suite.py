@@ -20,7 +20,11 @@ drops any; once the budget is spent the rest are skipped and say so):
   layer 12 (``bench_encoder.time_encoders``);
 - ``training_compiled``: the trainer's step at 16 pairs with ``--torch_compile``;
 - ``prior_whole_graph``: the prior of one image after ``pipe.compile_prior(regional=False)`` (one graph for
-  the plain and one for the personalized prior: minutes of compiling, the fastest small-batch steps).
+  the plain and one for the personalized prior: minutes of compiling, the fastest small-batch steps);
+- ``evaluation``: the four reward scorers of ``ppd_diffusers.evaluation`` (CLIP score, PickScore, aesthetic,
+  HPSv2) on 1000 images of 512 px, the published architectures with random weights
+  (``bench_evaluation.measure``; ~5 GB of checkpoints written to a temporary folder first). Last, so the
+  default budget usually skips it: run it alone with ``--skip`` listing the other sections.
 
     python benchmarks/gpu_suite.py --output benchmarks/results/gpu_suite_h200.json   # GPU, ~8 minutes
     python benchmarks/gpu_suite.py --tiny --output /tmp/suite.json                    # CPU, under a minute
@@ -47,6 +51,15 @@ import torch
 from _measure import hardware, interleaved_median
 from bench_core import CONFIGS, LATENT_SIZE, conditioning, training_step_fn
 from bench_encoder import random_users, time_encoders
+from bench_evaluation import (
+    SCORER_NAMES,
+    TARGET_IMAGES,
+    TARGET_S,
+    measure,
+    random_full_size_sources,
+    random_images,
+    tiny_sources,
+)
 from bench_pipeline import CLIP_G_TEXT
 from bench_training import Case, default_dtype, measure_group
 from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet
@@ -61,10 +74,10 @@ from ppd_diffusers.testing_utils import (
 )
 
 SECTIONS = ("step", "prior", "training", "encoder", "compile", "step_compiled", "prior_compiled", "training_compiled")
-SECTIONS += ("prior_whole_graph",)
+SECTIONS += ("prior_whole_graph", "evaluation")
 # rough seconds each section needs at full size on an H100/H200, to skip one that cannot finish in the budget
 ESTIMATE_S = dict(step=30, prior=25, compile=120, step_compiled=20, prior_compiled=15, training=120, encoder=60)
-ESTIMATE_S.update(training_compiled=90, prior_whole_graph=200)
+ESTIMATE_S.update(training_compiled=90, prior_whole_graph=200, evaluation=150)
 TARGETS = dict(step_ratio=1.03, prior_s=0.7, pairs_per_s=14.0, ckpt_4_pairs_bytes=24e9, encoder_layer12_ms=37.0)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 PROMPT = "a lighthouse at dusk, oil painting"
@@ -283,6 +296,23 @@ def time_encoder(args) -> dict:
     return {"config": "tiny" if args.tiny else "llava-onevision-0.5b", "users_per_batch": len(users), "rows": rows}
 
 
+def time_evaluation(args) -> dict:
+    """Every reward scorer on ``TARGET_IMAGES`` random 512 px images (``bench_evaluation``), random full-size
+    weights in the run's dtype; tiny checkpoints and 16 images of 64 px with ``--tiny``."""
+    import tempfile
+
+    count, size = (16, 64) if args.tiny else (TARGET_IMAGES, 512)
+    settings = SimpleNamespace(device=args.device, torch_dtype=args.dtype, batch_size=8 if args.tiny else 64)
+    settings.__dict__.update(compare_fp32=0 if args.tiny else 64, tiny=args.tiny, random_weights=not args.tiny)
+    images, prompts = random_images(count, size)
+    with tempfile.TemporaryDirectory() as folder:
+        sources = tiny_sources(folder) if args.tiny else random_full_size_sources(folder)
+        rows = [measure(name, *sources[name], images, prompts, settings) for name in SCORER_NAMES]
+    for row in rows:
+        log(row)
+    return {"num_images": count, "image_size": size, "rows": rows, "total_score_s": sum(r["score_s"] for r in rows)}
+
+
 # ---------------------------------------------------------------------------------------------- the run
 def log(row: dict) -> None:
     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -367,6 +397,7 @@ def run(args) -> dict:
     section("prior_whole_graph", lambda: prior_whole_graph(args, models()))
     inference.clear()
     free()
+    section("evaluation", lambda: time_evaluation(args))
     result["targets"] = targets(result)
     return result
 
@@ -411,6 +442,11 @@ def targets(result: dict) -> list[dict]:
         add(f"user embedding truncated at layer {r['layer']} <= {TARGETS['encoder_layer12_ms']:g} ms (model only)",
             f"{r['model_ms_per_user']:.1f} ms ({r['ms_per_user']:.1f} ms with preprocessing)",
             r["model_ms_per_user"] <= TARGETS["encoder_layer12_ms"])  # fmt: skip
+    evaluation = sections.get("evaluation", {})
+    if "total_score_s" in evaluation:
+        count, total = evaluation["num_images"], evaluation["total_score_s"]
+        add(f"{TARGET_IMAGES} images scored by all {len(evaluation['rows'])} reward scorers <= {TARGET_S:g} s",
+            f"{total:.1f} s for {count} images", total * TARGET_IMAGES / count <= TARGET_S)  # fmt: skip
     return rows
 
 
@@ -494,6 +530,16 @@ def markdown(result: dict) -> str:
                 f"| {'full depth' if r['layer'] == -1 else 'truncated at ' + str(r['layer'])} | {r['layers_built']} | "
                 f"{r['tokens_per_user']} | {r['ms_per_user']:.1f} | {r['model_ms_per_user']:.1f} | "
                 f"{r['model_time_vs_full']:.2f} |"
+            )
+    evaluation = sections.get("evaluation", {})
+    if evaluation.get("rows"):
+        scored = f"{evaluation['num_images']} images of {evaluation['image_size']} px"
+        lines += ["", f"| reward scorer ({scored}) | load (s) | score (s) | images/s | peak (GiB) | diff vs fp32 |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in evaluation["rows"]:
+            lines.append(
+                f"| {r['scorer']} | {r['load_s']:.1f} | {r['score_s']:.2f} | {r['images_per_s']:.1f} | "
+                f"{_fmt(r['peak_gib'], '.2f')} | {_fmt(r.get('max_abs_diff_vs_fp32'), '.3g')} |"
             )
     return "\n".join(lines) + "\n"
 

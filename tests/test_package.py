@@ -60,10 +60,11 @@ def test_version_comes_from_package_metadata():
 
 
 def test_every_public_name_resolves_and_is_documented():
+    import ppd_diffusers.evaluation
     import ppd_diffusers.training
 
     docs = "".join(path.read_text() for path in (Path(__file__).parents[1] / "docs" / "api").glob("*.md"))
-    for module in (ppd_diffusers, ppd_diffusers.training):
+    for module in (ppd_diffusers, ppd_diffusers.training, ppd_diffusers.evaluation):
         for name in module.__all__:
             if name == "__version__":
                 continue
@@ -71,3 +72,4 @@ def test_every_public_name_resolves_and_is_documented():
             assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
             assert f"::: {module.__name__}.{name}" in docs, f"{module.__name__}.{name} has no docs page"
     assert set(ppd_diffusers.__all__) <= set(dir(ppd_diffusers))
+    assert set(ppd_diffusers.evaluation.__all__) <= set(dir(ppd_diffusers.evaluation))

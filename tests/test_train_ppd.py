@@ -24,6 +24,7 @@ from ppd_diffusers.training import (
     PreferencePairsDataset,
     UserDraw,
     collate_preference_pairs,
+    load_held_out_split,
     load_user_embeddings,
 )
 
@@ -64,7 +65,8 @@ def test_pairs_dataset_joins_users_drops_ties_and_profile_rows(repos):
     pairs = PreferencePairsDataset(dataset, embeddings, draws, exclude_users=["user1", "user6"])
     # 8 users x (10 pairs + 1 tie); every user has one draw of 4 pairs; two users held out
     stats = pairs.stats
-    assert (stats.rows, stats.ties, stats.rows_without_user_embedding, stats.profile_rows) == (88, 8, 20, 24)
+    assert (stats.rows, stats.ties, stats.rows_without_user_embedding, stats.held_out_rows) == (88, 8, 0, 20)
+    assert (stats.profile_rows, stats.leaking_rows, stats.compared_image_uids) == (24, 0, True)
     assert (stats.pairs, stats.users) == (36, 6) == (len(pairs), 6)
     profile = {row for draw in draws for row in draw.rows}
     for i in range(len(pairs)):
@@ -270,6 +272,10 @@ def test_script_trains_and_the_pipeline_loads_the_adapter(repos, tmp_path):
     assert sorted(os.listdir(out / "validation")) == ["step-000009.png", "step-000018.png"]
     card = (out / "README.md").read_text()
     assert "library_name: ppd-diffusers" in card and "| `beta_dpo` | 500.0 |" in card and "36 training pairs" in card
+    # 8 users x the default `eval_user_fraction` 0.1 rounds down to no evaluation user; 2 validation users
+    split = load_held_out_split(out)
+    assert (split.evaluation_users, len(split.validation_users), split.rows) == ([], 2, {u: 10 for u in split.users})
+    assert "held_out_rows=20" in log and "0 users were held out for evaluation and 2 for the" in card
     assert any(p.startswith("events.out.tfevents") for _, _, files in os.walk(out / "logs") for p in files)
 
     pipe = PersonalizedStableCascadePipeline.from_stable_cascade(
@@ -417,15 +423,26 @@ def test_changed_settings_name_what_differs(tmp_path):
 
 def test_rerun_is_refused_and_changed_settings_on_resume_are_named(repos, tmp_path):
     out = tmp_path / "run"
-    _run(_args(repos, out, max_train_steps=2, checkpointing_steps=1))
+    log = _run(_args(repos, out, max_train_steps=2, checkpointing_steps=1, eval_user_fraction=0.25))
+    # 2 evaluation and 2 validation users of 8 held out: 4 users x (10 pairs - 4 profile rows) train
+    split = load_held_out_split(out)
+    assert (len(split.evaluation_users), len(split.validation_users)) == (2, 2)
+    assert not set(split.evaluation_users) & set(split.validation_users)
+    assert "24 training pairs of 4 users" in log and "held_out_rows=40" in log
+    assert "2 evaluation and 2 validation users held out (held_out_users.json)" in log
+    assert "2 users were held out for evaluation" in (out / "README.md").read_text()
     weights = (out / WEIGHTS).read_bytes()
     again = subprocess.run([sys.executable, str(SCRIPT), *_args(repos, out, max_train_steps=2)], capture_output=True,
                            text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})  # fmt: skip
     assert again.returncode != 0 and "--overwrite_output_dir" in again.stderr
     assert (out / WEIGHTS).read_bytes() == weights and len(_losses(out)) == 2  # nothing overwritten or appended
-    log = _run(_args(repos, out, max_train_steps=3, learning_rate=2e-3, resume_from_checkpoint="latest"))
+    resumed = dict(max_train_steps=3, learning_rate=2e-3, eval_user_fraction=0.25, held_out_seed=1)
+    log = _run(_args(repos, out, resume_from_checkpoint="latest", **resumed))
     assert "Resuming with settings that differ from the checkpoint's" in log
-    assert "`learning_rate` 0.001 -> 0.002; `max_train_steps` 2 -> 3" in log
+    assert "`held_out_seed` 0 -> 1; `learning_rate` 0.001 -> 0.002; `max_train_steps` 2 -> 3" in log
+    # users trained before the checkpoint must not become evaluation users: the recorded split stays
+    assert "Resuming keeps the held-out users recorded in" in log and "24 training pairs of 4 users" in log
+    assert load_held_out_split(out) == split
     assert len(_losses(out)) == 3
 
 

@@ -35,9 +35,11 @@ def toy_rows(
     users: int = 8, pairs: int = 10, ties: int = 1, corrupt: bool = True, image_size: int = 32, seed: int = 0
 ) -> dict[str, list]:
     """Rows of ``users`` users, each with ``pairs`` non-tied pairs and ``ties`` ties; user ``u`` likes bright
-    images when ``u`` is even. With ``corrupt``, row 3's ``jpg_1`` is not an image."""
+    images when ``u`` is even. Captions and image uids are distinct (no row leaks into another). With
+    ``corrupt``, row 3's ``jpg_1`` is not an image."""
     rng = np.random.default_rng(seed)
-    columns = ["caption", "jpg_0", "jpg_1", "label_0", "label_1", "user_id", "latents_0", "latents_1", "latents_ok"]
+    columns = ["caption", "jpg_0", "jpg_1", "image_0_uid", "image_1_uid", "label_0", "label_1", "user_id"]
+    columns += ["latents_0", "latents_1", "latents_ok"]
     rows: dict[str, list] = {c: [] for c in columns}
     for user in range(users):
         likes_bright = user % 2 == 0
@@ -46,6 +48,8 @@ def toy_rows(
             label = 0.5 if tie else float(rng.integers(0, 2))
             bright_first = (label == 1) == likes_bright  # the preferred image is the one the user likes
             rows["caption"].append(f"picture {i} for user {user}")
+            rows["image_0_uid"].append(f"u{user}-{i}-0")
+            rows["image_1_uid"].append(f"u{user}-{i}-1")
             rows["jpg_0"].append(_png(0.8 if bright_first else 0.2, rng, image_size))
             rows["jpg_1"].append(_png(0.2 if bright_first else 0.8, rng, image_size))
             rows["latents_0"].append(_latents(1.0 if bright_first else -1.0, rng))

@@ -14,16 +14,25 @@ from typing import Any
 import torch
 
 __all__ = [
+    "AESTHETIC_HEAD_SIZES",
+    "CLIP_VIT_H_14",
+    "CLIP_VIT_L_14",
     "LLAVA_ONEVISION_0_5B",
     "PAELLA_VQ",
     "STAGE_B_DECODER",
     "STAGE_C_PRIOR",
     "STAGE_C_PRIOR_LITE",
     "TINY_LLAVA_ONEVISION",
+    "TINY_OPEN_CLIP",
+    "TINY_OPEN_CLIP_NAME",
     "clip_text_encoder",
     "clip_text_tokenizer",
+    "save_random_aesthetic_head",
     "save_random_clip",
+    "save_random_clip_like",
     "save_random_llava_onevision",
+    "save_tiny_aesthetic_predictor",
+    "save_tiny_hps",
     "save_tiny_stable_cascade",
     "tiny_clip",
     "tiny_stage_b_config",
@@ -375,3 +384,113 @@ def save_tiny_stable_cascade(
     tiny_vq = dict(bottleneck_blocks=1, embed_dim=16, num_vq_embeddings=32)
     PaellaVQModel(**{**PAELLA_VQ, **tiny_vq}).save_pretrained(os.path.join(decoder_path, "vqgan"))
     DDPMWuerstchenScheduler().save_pretrained(os.path.join(decoder_path, "scheduler"))
+
+
+# ---------------------------------------------------------------------------------------------- reward scorers
+# an open_clip model config (open_clip's JSON layout) shaped like ViT-H-14 but a few thousand parameters per
+# block; the text tower keeps open_clip's BPE vocabulary (its tokenizer is bundled, nothing is downloaded)
+TINY_OPEN_CLIP_NAME = "ppd-tiny-ViT"
+TINY_OPEN_CLIP: dict[str, Any] = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+# the LAION aesthetic predictor v2 head (sac+logos+ava1-l14-linearMSE): widths from the CLIP embedding to the score
+AESTHETIC_HEAD_SIZES = (768, 1024, 128, 64, 16, 1)
+# `CLIPConfig` arguments of openai/clip-vit-large-patch14 (CLIP score, the aesthetic predictor's CLIP) and of
+# laion/CLIP-ViT-H-14-laion2B-s32B-b79K (PickScore's base), 224 px; their text vocabulary is left to the tokenizer
+CLIP_VIT_L_14: dict[str, Any] = dict(
+    projection_dim=768,
+    text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    vision_config=dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14
+    ),
+)
+CLIP_VIT_H_14: dict[str, Any] = dict(
+    projection_dim=1024,
+    text_config=dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, hidden_act="gelu"
+    ),
+    vision_config=dict(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
+        hidden_act="gelu",
+    ),
+)  # fmt: skip
+
+
+def save_random_aesthetic_head(
+    path: str | os.PathLike, sizes: tuple[int, ...] = AESTHETIC_HEAD_SIZES, seed: int = 0
+) -> None:
+    """A random aesthetic predictor head in the published file name and state-dict layout
+    (``layers.{0,2,4,6,7}``, linear layers of the widths ``sizes``), saved as a plain state dict of tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for index, width_in, width_out in zip((0, 2, 4, 6, 7), sizes[:-1], sizes[1:], strict=True):
+        state_dict[f"layers.{index}.weight"] = torch.randn(width_out, width_in, generator=generator) / width_in**0.5
+        state_dict[f"layers.{index}.bias"] = torch.randn(width_out, generator=generator)
+    os.makedirs(path, exist_ok=True)
+    torch.save(state_dict, os.path.join(path, "sac+logos+ava1-l14-linearMSE.pth"))
+
+
+def save_tiny_aesthetic_predictor(path: str | os.PathLike, seed: int = 0) -> None:
+    """A folder holding a tiny random CLIP (``save_random_clip``, 24-wide embeddings) and a random aesthetic
+    predictor head for it (``save_random_aesthetic_head``)."""
+    save_random_clip(path, seed)
+    save_random_aesthetic_head(path, (24, 32, 16, 8, 4, 1), seed)
+
+
+def save_random_clip_like(
+    path: str | os.PathLike, config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> None:
+    """A random ``CLIPModel`` of a real layout (e.g. ``CLIP_VIT_L_14``) at 224 px, with ``tiny_clip``'s byte-level
+    tokenizer and transformers' default (torchvision-backend) ``CLIPImageProcessor``, as the Hub repos load."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    _, tokenizer, _ = tiny_clip(seed)
+    text = dict(config["text_config"], vocab_size=len(tokenizer), max_position_embeddings=77)
+    text.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(config["vision_config"], image_size=224)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built directly in `dtype`: no transient float32 copy of a 1B model
+    try:
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=config["projection_dim"]))
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor().save_pretrained(path)
+
+
+def save_tiny_hps(
+    path: str | os.PathLike,
+    seed: int = 0,
+    filename: str = "HPS_v2.1_compressed.pt",
+    model_name: str = TINY_OPEN_CLIP_NAME,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """A folder laid out like the Hub repo ``xswu/HPSv2``: a random open_clip model saved as HPSv2 saves its
+    checkpoints (``{"state_dict": ...}``) under ``filename``.
+
+    Args:
+        path: The folder.
+        seed: Seed of the random weights.
+        filename: The checkpoint's name (HPSv2's are ``HPS_v2_compressed.pt`` and ``HPS_v2.1_compressed.pt``).
+        model_name: ``TINY_OPEN_CLIP_NAME`` (its model config is written beside the checkpoint as
+            ``<TINY_OPEN_CLIP_NAME>.json``, which ``HPSv2Scorer.from_pretrained`` registers) or an open_clip
+            model such as ``"ViT-H-14"`` (the real size).
+        dtype: dtype of the saved weights.
+    """
+    import json
+
+    import open_clip
+
+    os.makedirs(path, exist_ok=True)
+    if model_name == TINY_OPEN_CLIP_NAME:
+        config = os.path.join(path, f"{TINY_OPEN_CLIP_NAME}.json")
+        with open(config, "w") as f:
+            json.dump(TINY_OPEN_CLIP, f, indent=2)
+        open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(model_name, pretrained=None)
+    torch.save({"state_dict": model.to(dtype).state_dict()}, os.path.join(path, filename))

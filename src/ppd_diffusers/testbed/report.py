@@ -1,7 +1,7 @@
 """The testbed's report: ``report.json``, ``report.md`` and matplotlib figures.
 
 matplotlib comes with the ``testbed`` extra (``pip install ppd-diffusers[testbed]``); it is imported only
-when the figures are drawn, and without pyplot (no global figure state, no display needed).
+when the figures are drawn (see ``ppd_diffusers._figures``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._figures import image_grid_figure, new_figure
 from .experiments import DOMINANT_WEIGHT
 from .shapes import to_pixels
 
@@ -20,20 +21,10 @@ __all__ = ["interpolation_figure", "markdown", "multi_reward_figure", "sample_gr
 METHODS = {"base": "base model", "pooled_dpo": "pooled DPO", "ppd": "PPD", "single_reward_dpo": "single-reward DPO"}
 
 
-def _figure(width: float, height: float):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:  # pragma: no cover - the extra is installed by scripts/setup.sh
-        raise ImportError(
-            "The testbed's figures need matplotlib: `pip install ppd-diffusers[testbed]` or `pip install matplotlib`."
-        ) from error
-    return Figure(figsize=(width, height), layout="constrained")
-
-
 def multi_reward_figure(multi: dict):
     """Grouped bars: per reward, the mean standardized reward of each method for that reward's user."""
     rewards = list(multi["per_reward"])
-    figure = _figure(7.5, 3.6)
+    figure = new_figure(7.5, 3.6)
     axes = figure.subplots()
     width = 0.8 / len(METHODS)
     for i, (key, label) in enumerate(METHODS.items()):
@@ -50,7 +41,7 @@ def multi_reward_figure(multi: dict):
 
 def interpolation_figure(path: dict):
     """Every reward's mean as the embedding moves from reward-user A (0) to reward-user B (1)."""
-    figure = _figure(6.0, 3.6)
+    figure = new_figure(6.0, 3.6)
     axes = figure.subplots()
     first, second = path["users"]
     for name, values in path["rewards"].items():
@@ -67,19 +58,17 @@ def interpolation_figure(path: dict):
 def sample_grid(name: str, base: tuple[torch.Tensor, torch.Tensor], mine: tuple[torch.Tensor, torch.Tensor]):
     """Base samples above the same seeds generated for the reward-user ``name``, each tile with its reward."""
     columns = min(len(base[0]), 12)
-    figure = _figure(1.0 * columns, 2.5)
-    tiles = figure.subplots(2, columns, squeeze=False)
-    rows = zip((base, mine), ("base model", f"PPD, {name} user"), strict=True)
-    for row, ((latents, rewards), label) in enumerate(rows):
-        pixels = to_pixels(latents[:columns]).permute(0, 2, 3, 1).numpy()
-        for col in range(columns):
-            axes = tiles[row, col]
-            axes.imshow(pixels[col], interpolation="nearest")
-            axes.set_xticks([]), axes.set_yticks([])
-            axes.set_title(f"{rewards[col].item():+.1f}", fontsize="small")
-        tiles[row, 0].set_ylabel(label, fontsize="small")
-    figure.suptitle(f"Same seeds and prompts; above each image its standardized {name} reward")
-    return figure
+    rows, titles = [], []
+    for latents, rewards in (base, mine):
+        rows.append(list(to_pixels(latents[:columns]).permute(0, 2, 3, 1).numpy()))
+        titles.append([f"{reward:+.1f}" for reward in rewards[:columns].tolist()])
+    return image_grid_figure(
+        rows,
+        ("base model", f"PPD, {name} user"),
+        titles,
+        title=f"Same seeds and prompts; above each image its standardized {name} reward",
+        tile_inches=1.0,
+    )
 
 
 def write_report(report: dict, out: Path, samples: dict) -> None:

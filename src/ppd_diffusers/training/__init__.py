@@ -2,10 +2,18 @@
 
 from .arguments import PPDTrainingArguments
 from .dpo_step import ppd_dpo_step
+from .held_out import HeldOutSplit, load_held_out_split, make_held_out_split
 from .latents import add_stage_c_latents, count_unreadable_rows
 from .model_card import adapter_model_card
 from .pairs_dataset import PairStats, PreferencePairsDataset, collate_preference_pairs
-from .pickapic import DrawStats, UserDraw, load_pickapic_dataset, pair_from_row, sample_user_draws
+from .pickapic import (
+    DrawStats,
+    LeakageIndex,
+    UserDraw,
+    load_pickapic_dataset,
+    pair_from_row,
+    sample_user_draws,
+)
 from .trainer import TrainingResult, train_ppd
 from .user_embeddings import (
     EncodedDraws,
@@ -18,6 +26,8 @@ from .validation import validation_grid
 
 __all__ = [
     "DrawStats",
+    "HeldOutSplit",
+    "LeakageIndex",
     "PPDTrainingArguments",
     "PairStats",
     "PreferencePairsDataset",
@@ -29,8 +39,10 @@ __all__ = [
     "count_unreadable_rows",
     "EncodedDraws",
     "encode_user_draws",
+    "load_held_out_split",
     "load_pickapic_dataset",
     "load_user_embeddings",
+    "make_held_out_split",
     "merge_user_embedding_shards",
     "pair_from_row",
     "ppd_dpo_step",

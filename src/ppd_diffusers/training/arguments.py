@@ -59,6 +59,21 @@ class PPDTrainingArguments:
     num_validation_users: int = field(
         default=4, metadata=_help("Users held out of training whose validation images are generated.")
     )
+    eval_user_fraction: float = field(
+        default=0.1,
+        metadata=_help(
+            "Fraction of the users with an embedding held out for evaluation (rounded down; none below 10 users "
+            "at 0.1): training never reads their pairs; they are listed in `held_out_users.json`."
+        ),
+    )
+    max_eval_users: int | None = field(default=500, metadata=_help("At most this many evaluation users."))
+    held_out_seed: int = field(
+        default=0,
+        metadata=_help(
+            "Seed of the held-out users (evaluation and validation); apart from `seed`, so runs of different "
+            "seeds hold out the same users."
+        ),
+    )
     dataloader_num_workers: int = field(default=0, metadata=_help("Processes decoding images (0: the main one)."))
     # --- models
     pretrained_model_name_or_path: str = field(
@@ -190,6 +205,11 @@ class PPDTrainingArguments:
         for name in positive + [n for n in optional_positive if getattr(self, n) is not None]:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if not 0.0 <= self.eval_user_fraction < 1.0:
+            raise ValueError(f"`eval_user_fraction` must be in [0, 1), got {self.eval_user_fraction}.")
+        for name in ("num_validation_users", "max_eval_users"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must not be negative, got {getattr(self, name)}.")
         if self.mixed_precision == "fp16":
             raise ValueError("`mixed_precision='fp16'` gives black Stable Cascade images: use `bf16` or `no`.")
         if self.image_encoder is not None and self.effnet_checkpoint is not None:

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .arguments import PPDTrainingArguments
+from .held_out import HELD_OUT_FILE, HeldOutSplit
 from .pairs_dataset import PairStats
 
 __all__ = ["adapter_model_card"]
@@ -29,6 +30,7 @@ def adapter_model_card(
     embedding_metadata: dict[str, Any] | None = None,
     skipped_rows: int = 0,
     repo_id: str | None = None,
+    held_out: HeldOutSplit | None = None,
 ) -> Any:
     """A ``huggingface_hub.ModelCard`` describing a PPD adapter and how it was trained.
 
@@ -43,6 +45,7 @@ def adapter_model_card(
         skipped_rows: Reads of unreadable rows during training.
         repo_id: The Hub repo the adapter goes to (for the usage snippet); by default ``hub_model_id`` or the
             output folder's name.
+        held_out: The users held out of training; the card names their counts and ``held_out_users.json``.
 
     Returns:
         The card; ``card.save(path)`` writes it, ``card.push_to_hub(repo_id)`` uploads it.
@@ -71,6 +74,7 @@ def adapter_model_card(
     encoder_text = f"```json\n{json.dumps(encoder, indent=2, default=str)}\n```" if encoder else "not recorded"
     stats = asdict(pair_stats)
     repo_id = repo_id or args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    leakage_keys = "row, caption and image uid" if stats["compared_image_uids"] else "row and caption (no image uids)"
     content = f"""---
 {data.to_yaml()}
 ---
@@ -94,14 +98,15 @@ image = pipe("a lighthouse at dusk", preference_pairs=pairs).images[0]  # 4 (pro
 
 ## Training data
 
-`{args.dataset_name}` (split `{args.dataset_split}`): {stats["pairs"]} training pairs of {stats["users"]} users;
-{stats["ties"]} ties, {stats["rows_without_user_embedding"]} rows of users without an embedding or held out for
-validation, and
-{stats["profile_rows"]} rows that built their user's embedding were left out; unreadable images were met
-{skipped_rows} times and passed over. User embeddings: `{args.user_embeddings}`, from the preference encoder
+`{args.dataset_name}` (split `{args.dataset_split}`): {stats["pairs"]} training pairs of {stats["users"]} users.
+Left out: {stats["ties"]} ties, {stats["rows_without_user_embedding"]} rows of users without an embedding,
+{stats["held_out_rows"]} rows of held-out users, {stats["profile_rows"]} rows that built their user's embedding and
+{stats["leaking_rows"]} rows sharing a prompt or an image with it (compared by {leakage_keys}); unreadable
+images were met {skipped_rows} times and passed over. User embeddings: `{args.user_embeddings}`, from the
+preference encoder
 
 {encoder_text}
-
+{_held_out_section(held_out, repo_id)}
 ## Training
 
 {global_step} optimizer steps of {effective_batch} pairs (`train_batch_size` x accumulation x processes).
@@ -117,6 +122,26 @@ validation, and
 {metric_rows}
 """
     return ModelCard(content)
+
+
+def _held_out_section(held_out: HeldOutSplit | None, repo_id: str) -> str:
+    if held_out is None:
+        return ""
+    return f"""
+## Held-out users
+
+{len(held_out.evaluation_users)} users were held out for evaluation and {len(held_out.validation_users)} for the
+validation images (chosen among {held_out.candidate_users} users with an embedding by a hash of the user id, seed
+{held_out.seed}); training read none of their pairs. They are listed, with their row counts, in
+[`{HELD_OUT_FILE}`]({HELD_OUT_FILE}). Evaluate this adapter on the evaluation users only: every other user of the
+data may have trained it.
+
+```py
+from ppd_diffusers.training import load_held_out_split
+
+users = load_held_out_split("{repo_id}").evaluation_users
+```
+"""
 
 
 def create_hub_repo(args: PPDTrainingArguments) -> str:

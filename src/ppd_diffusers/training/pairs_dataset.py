@@ -1,10 +1,12 @@
 """Training pairs of a Pick-a-Pic-format dataset, each joined with the embedding of its user.
 
-Which rows train: a row is a training pair of its user when it is not a tie, its user has a user
-embedding (users with fewer non-tied pairs than the encoder takes have none, see ``sample_user_draws``),
-and it is not one of the pairs that built the embedding it is joined with (that would let the adapter
-read the answer off its input). With several draws per user, a row is joined with one of the draws it is
-not part of, chosen from the row and the seed only, so the join is the same in every process and epoch.
+Which rows train: a row is a training pair of its user when it is not a tie, its user is not held out and
+has a user embedding (users with fewer non-tied pairs than the encoder takes have none, see
+``sample_user_draws``), and it does not leak from the embedding it is joined with: it is not one of the
+pairs that built it and shares neither a caption nor an image with them (see ``LeakageIndex``; that would
+let the adapter read the answer off its input). With several draws per user, a row is joined with one of
+the draws it does not leak from, chosen from the row and the seed only, so the join is the same in every
+process and epoch; a row that leaks from every draw of its user is dropped and counted.
 
 Unreadable images never stop a run: the example falls through to the next readable row (so batches keep
 their size, which DDP needs; that row is then seen twice in the epoch) and reports in ``skipped`` how many
@@ -27,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..preference_pairs import load_rgb_image
-from .pickapic import UserDraw, _read_columns, stable_seed, undecoded_images
+from .pickapic import LeakageIndex, UserDraw, _read_columns, stable_seed, undecoded_images
 
 __all__ = ["PairStats", "PreferencePairsDataset", "collate_preference_pairs"]
 
@@ -44,24 +46,34 @@ class PairStats:
     Args:
         rows: Rows in the dataset.
         ties: Tied rows (``label_0 == 0.5``), dropped.
-        rows_without_user_embedding: Non-tied rows of users with no embedding (too few pairs, or held out).
-        profile_rows: Rows that are part of every embedding of their user, dropped.
+        rows_without_user_embedding: Non-tied rows of users with no embedding (too few pairs), dropped.
+        held_out_rows: Non-tied rows of held-out users (``exclude_users``), dropped.
+        profile_rows: Rows that built one of their user's embeddings and leak from each of the others (with
+            one draw per user: the rows of the draw), dropped.
+        leaking_rows: Rows that built no embedding but share a caption or an image with every draw of their
+            user (Pick-a-Pic repeats a winner over the rows of a prompt), dropped.
         pairs: Training pairs kept.
         users: Users with at least one training pair.
+        compared_image_uids: Whether rows were compared by image uid too; False when the dataset has no
+            ``image_0_uid`` / ``image_1_uid`` columns (then by row and caption only).
 
     Examples:
         ```py
-        PreferencePairsDataset(dataset, embeddings, draws).stats
-        # PairStats(rows=88, ties=8, rows_without_user_embedding=20, profile_rows=24, pairs=36, users=6)
+        PreferencePairsDataset(dataset, embeddings, draws, exclude_users=["user1", "user6"]).stats
+        # PairStats(rows=88, ties=8, rows_without_user_embedding=0, held_out_rows=20, profile_rows=24,
+        #           leaking_rows=0, pairs=36, users=6, compared_image_uids=True)
         ```
     """
 
     rows: int = 0
     ties: int = 0
     rows_without_user_embedding: int = 0
+    held_out_rows: int = 0
     profile_rows: int = 0
+    leaking_rows: int = 0
     pairs: int = 0
     users: int = 0
+    compared_image_uids: bool = False
 
 
 class PreferencePairsDataset(Dataset):
@@ -79,7 +91,7 @@ class PreferencePairsDataset(Dataset):
         draws: The draw of each row of ``user_embeddings`` (which user, which dataset rows built it).
         image_transform: Turns a decoded RGB ``PIL.Image`` into the tensor the image encoder takes; needed
             unless the dataset has precomputed latents.
-        exclude_users: Users left out of training (e.g. held out for validation).
+        exclude_users: Users left out of training (held out for evaluation and validation).
         seed: Chooses, for users with several draws, which embedding each row is joined with.
 
     Raises:
@@ -145,21 +157,29 @@ class PreferencePairsDataset(Dataset):
                         + ("does not exist" if not 0 <= row < len(labels) else f"belongs to user {user_ids[row]!r}")
                         + ": the embeddings were computed on another dataset or split."
                     )
-            if draw.user_id not in exclude:
-                draws_of_user[draw.user_id].append(index)
-        stats = PairStats(rows=len(labels))
+            draws_of_user[draw.user_id].append(index)
+        leakage = LeakageIndex(dataset)
+        stats = PairStats(rows=len(labels), compared_image_uids=leakage.uses_image_uids)
+        if not leakage.uses_image_uids:
+            logger.info("The dataset has no `image_0_uid`/`image_1_uid` columns: leaking rows are found by caption.")
         rows, embedding_of_row, users, self._user_of_pair = [], [], set(), []
         for row, (user_id, label) in enumerate(zip(user_ids, labels, strict=True)):
             if label == 0.5:
                 stats.ties += 1
                 continue
+            if user_id in exclude:
+                stats.held_out_rows += 1
+                continue
             own = draws_of_user.get(user_id)
             if not own:
                 stats.rows_without_user_embedding += 1
                 continue
-            allowed = [i for i in own if row not in self.draws[i].rows]
+            allowed = [i for i in own if not leakage.leaks(row, self.draws[i])]
             if not allowed:
-                stats.profile_rows += 1
+                if any(row in self.draws[i].rows for i in own):
+                    stats.profile_rows += 1
+                else:
+                    stats.leaking_rows += 1
                 continue
             rows.append(row)
             self._user_of_pair.append(user_id)

@@ -1,8 +1,9 @@
 """Pick-a-Pic-format preference data: users, their non-tied pairs, and reproducible draws of N pairs.
 
 Rows have ``caption``, ``jpg_0``, ``jpg_1`` (image bytes), ``label_0`` (1: image 0 preferred, 0: image 1
-preferred, 0.5: a tie) and ``user_id``. Only the ``user_id`` and ``label_0`` columns are read to plan
-the draws; images are decoded only for the rows a draw uses.
+preferred, 0.5: a tie) and ``user_id``; Pick-a-Pic also has ``image_0_uid`` / ``image_1_uid``, which
+``LeakageIndex`` uses when present. Only the ``user_id`` and ``label_0`` columns are read to plan the draws
+(and ``caption`` and the uids to find leaking rows); images are decoded only for the rows a draw uses.
 """
 
 from __future__ import annotations
@@ -18,9 +19,19 @@ import numpy as np
 
 from ..preference_pairs import PreferencePair
 
-__all__ = ["DrawStats", "UserDraw", "check_labels", "load_pickapic_dataset", "pair_from_row", "sample_user_draws"]
+__all__ = [
+    "DrawStats",
+    "LeakageIndex",
+    "UserDraw",
+    "check_labels",
+    "load_pickapic_dataset",
+    "normalize_caption",
+    "pair_from_row",
+    "sample_user_draws",
+]
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "user_id")
+IMAGE_UID_COLUMNS = ("image_0_uid", "image_1_uid")
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,84 @@ def sample_user_draws(
             result.append(UserDraw(user_id, draw, tuple(rows[i] for i in chosen)))
     stats.draws = len(result)
     return result, stats
+
+
+def column_names(dataset: Any) -> list[str]:
+    """The column names of a ``datasets.Dataset`` or of a mapping of column name to list."""
+    names = getattr(dataset, "column_names", None)
+    return list(names) if names is not None else list(dataset.keys())
+
+
+def normalize_caption(caption: Any) -> str:
+    """A caption as ``LeakageIndex`` compares it: runs of whitespace made one space, ends stripped, case folded.
+
+    Examples:
+        >>> normalize_caption("  A red  Fox ") == normalize_caption("a red fox")
+        True
+    """
+    return " ".join(str(caption if caption is not None else "").split()).casefold()
+
+
+class LeakageIndex:
+    """Tells whether a row leaks from a draw (the rows of a user embedding): it shares a pair, caption or image.
+
+    Pick-a-Pic repeats a winner over consecutive rows of the same prompt (a user who picked one of several
+    images gives one row per losing image), so leaving out only a draw's own rows would still train on
+    its prompts and its preferred images, which the embedding shows the adapter. A row leaks from a draw when
+    it is one of the draw's rows, its caption equals one of theirs (compared by ``normalize_caption``), or
+    one of its images has the uid of one of theirs (the ``image_0_uid`` / ``image_1_uid`` columns; without
+    them rows are compared by row and caption only, ``uses_image_uids`` is False). Image bytes are never
+    read: hashing them would mean reading every image of the dataset.
+
+    Args:
+        dataset: A ``datasets.Dataset`` (or a mapping of column name to list) in Pick-a-Pic format; its
+            ``caption`` column (and the uid columns when present) is read once, in one go.
+
+    Examples:
+        >>> rows = {"caption": ["a fox", "A fox ", "a cat"], "image_0_uid": ["w", "w", "x"],
+        ...         "image_1_uid": ["l1", "l2", "l3"]}
+        >>> index = LeakageIndex(rows)
+        >>> draw = UserDraw("u", 0, (0,))
+        >>> [index.leaks(row, draw) for row in range(3)]
+        [True, True, False]
+    """
+
+    def __init__(self, dataset: Any):
+        present = column_names(dataset)
+        self.uid_columns = tuple(c for c in IMAGE_UID_COLUMNS if c in present)
+        captions, *uids = _read_columns(dataset, ("caption", *self.uid_columns))
+        self._captions = captions
+        self._uids = list(zip(*uids, strict=True)) if uids else None
+        self._draw_keys: dict[UserDraw, tuple[frozenset, frozenset]] = {}
+
+    @property
+    def uses_image_uids(self) -> bool:
+        """Whether rows are also compared by image uid (the dataset has ``image_0_uid`` / ``image_1_uid``)."""
+        return self._uids is not None
+
+    def __len__(self) -> int:
+        return len(self._captions)
+
+    def row_keys(self, row: int) -> tuple[str, frozenset]:
+        """The normalised caption of a row and the uids of its images (missing uids left out)."""
+        uids = frozenset(u for u in self._uids[row] if u not in (None, "")) if self._uids is not None else frozenset()
+        return normalize_caption(self._captions[row]), uids
+
+    def draw_keys(self, draw: UserDraw) -> tuple[frozenset, frozenset]:
+        """The normalised captions and the image uids of a draw's rows."""
+        keys = self._draw_keys.get(draw)
+        if keys is None:
+            captions, uids = zip(*(self.row_keys(row) for row in draw.rows), strict=True)
+            keys = self._draw_keys[draw] = frozenset(captions), frozenset().union(*uids)
+        return keys
+
+    def leaks(self, row: int, draw: UserDraw) -> bool:
+        """Whether ``row`` is one of ``draw``'s rows or shares a caption or an image uid with one of them."""
+        if row in draw.rows:
+            return True
+        caption, uids = self.row_keys(row)
+        draw_captions, draw_uids = self.draw_keys(draw)
+        return caption in draw_captions or not uids.isdisjoint(draw_uids)
 
 
 def pair_from_row(row: dict[str, Any]) -> PreferencePair:

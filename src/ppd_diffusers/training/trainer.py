@@ -34,6 +34,7 @@ from .checkpoints import (
     step_of,
 )
 from .dpo_step import ppd_dpo_step
+from .held_out import HELD_OUT_FILE, HeldOutSplit, load_held_out_split, make_held_out_split
 from .pairs_dataset import PreferencePairsDataset, collate_preference_pairs
 from .pickapic import load_pickapic_dataset, stable_seed
 from .user_embeddings import load_user_embeddings
@@ -63,6 +64,8 @@ class TrainingResult:
         skipped_rows: Reads of rows with an unreadable image during this run (passed over), summed over processes.
         final_metrics: Metrics of the last step (``loss``, ``implicit_accuracy``, ``lr``...).
         adapter: The trained adapter (fp32, unwrapped); on the main process exactly the saved weights.
+        held_out: The users held out of training (evaluation and validation), as written to
+            ``output_dir/held_out_users.json``.
 
     Examples:
         ```py
@@ -77,11 +80,39 @@ class TrainingResult:
     skipped_rows: int = 0
     final_metrics: dict[str, float] = field(default_factory=dict)
     adapter: Any = field(default=None, repr=False)
+    held_out: HeldOutSplit | None = field(default=None, repr=False)
 
 
-def _validation_users(draws: list, count: int, seed: int) -> list:
-    users = sorted({d.user_id for d in draws}, key=lambda u: stable_seed(seed, "validation", repr(u)))
-    return users[:count]
+def _held_out_split(args: PPDTrainingArguments, dataset: Any, draws: list, checkpoint: str | None) -> HeldOutSplit:
+    """The run's held-out users; a resumed run keeps those its checkpoint's run recorded, whatever the settings."""
+    recorded_as = dict(dataset_name=args.dataset_name, dataset_split=args.dataset_split,
+                       user_embeddings=args.user_embeddings)  # fmt: skip
+    split = make_held_out_split(
+        dataset, draws, num_validation_users=args.num_validation_users, eval_user_fraction=args.eval_user_fraction,
+        max_eval_users=args.max_eval_users, seed=args.held_out_seed, **recorded_as,
+    )  # fmt: skip
+    if checkpoint is None:
+        return split
+    recorded = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), HELD_OUT_FILE)
+    if not os.path.isfile(recorded):
+        # a run of a version that held out validation users only (chosen with `seed`) may have trained on anyone
+        logger.warning(
+            "%s has no %s (an older run): resuming holds out no evaluation users, since the run may have trained on "
+            "any of them, and the validation users that version chose.", os.path.dirname(recorded), HELD_OUT_FILE,
+        )  # fmt: skip
+        return make_held_out_split(
+            dataset, draws, args.num_validation_users, eval_user_fraction=0.0, seed=args.seed, **recorded_as
+        )
+    saved = load_held_out_split(recorded)
+    if (saved.evaluation_users, saved.validation_users) != (split.evaluation_users, split.validation_users):
+        # users the run trained on before the checkpoint must not become evaluation users now
+        logger.warning(
+            "Resuming keeps the held-out users recorded in %s (%d evaluation, %d validation); the current settings "
+            "would hold out others (%d evaluation, %d validation). Train into a new `output_dir` to change them.",
+            recorded, len(saved.evaluation_users), len(saved.validation_users), len(split.evaluation_users),
+            len(split.validation_users),
+        )  # fmt: skip
+    return saved
 
 
 def _effnet_pixels(image: Any, height: int, width: int) -> torch.Tensor:
@@ -186,7 +217,8 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     Writes to ``args.output_dir``: the adapter (``save_pretrained``, loadable by
     ``PersonalizedStableCascadePipeline.load_user_adapter``), a model card ``README.md``, ``checkpoint-N``
     folders, ``logs/metrics.jsonl`` (one line per step) and ``validation/step-N.png`` grids (rows: prompts;
-    columns: the base model, then each held-out user).
+    columns: the base model, then each validation user) and ``held_out_users.json``, the users held out of
+    training (see ``HeldOutSplit``; evaluate the adapter on its ``evaluation_users`` only).
 
     Args:
         args: The settings (see ``PPDTrainingArguments``).
@@ -246,12 +278,16 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     with accelerator.main_process_first():  # one download or cache build, then the others read it
         dataset = load_pickapic_dataset(args.dataset_name, args.dataset_split)
     # held out whether or not grids are drawn, so the training pairs never depend on the validation settings
-    held_out = _validation_users(draws, args.num_validation_users, args.seed)
+    split = _held_out_split(args, dataset, draws, checkpoint)
+    held_out = split.validation_users
+    accelerator.wait_for_everyone()  # every process has read a recorded split before it is written again
+    if accelerator.is_main_process:
+        split.save(os.path.join(args.output_dir, HELD_OUT_FILE))
     decodes_images = not {"latents_0", "latents_1"} <= set(dataset.column_names)
     size = dict(height=args.resolution, width=args.resolution)
     image_transform = partial(_effnet_pixels, **size) if decodes_images else None
     pairs = PreferencePairsDataset(
-        dataset, user_embeddings, draws, image_transform=image_transform, exclude_users=held_out, seed=args.seed
+        dataset, user_embeddings, draws, image_transform=image_transform, exclude_users=split.users, seed=args.seed
     )
     if len(pairs) == 0:
         raise ValueError(f"No training pairs in `{args.dataset_name}`: {pairs.stats}.")
@@ -352,9 +388,10 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=settings)
         logger.info(
-            "%d training pairs of %d users (%s); %d held-out users; %d steps of %d pairs (%d per process x %d "
-            "accumulation x %d processes).",
-            len(train_set), stats.users, stats, len(held_out), max_train_steps,
+            "%d training pairs of %d users (%s); %d evaluation and %d validation users held out (%s); %d steps of "
+            "%d pairs (%d per process x %d accumulation x %d processes).",
+            len(train_set), stats.users, stats, len(split.evaluation_users), len(split.validation_users),
+            HELD_OUT_FILE, max_train_steps,
             args.train_batch_size * accumulation * accelerator.num_processes,
             args.train_batch_size, accumulation, accelerator.num_processes,
         )  # fmt: skip
@@ -428,7 +465,7 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         effective_batch = args.train_batch_size * accumulation * accelerator.num_processes
         card = adapter_model_card(
             args, trained.config, stats, metrics, global_step, effective_batch, embedding_metadata,
-            skipped_rows, repo_id,
+            skipped_rows, repo_id, held_out=split,
         )  # fmt: skip
         card.save(os.path.join(args.output_dir, "README.md"))
         if repo_id is not None:
@@ -443,4 +480,5 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         skipped_rows=skipped_rows,
         final_metrics=metrics,
         adapter=trained,
+        held_out=split,
     )
