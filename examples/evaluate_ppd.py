@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from datetime import timedelta
 
 from _pipeline_args import add_pipeline_args, generation_kwargs, load_pipeline
 
 from ppd_diffusers.evaluation import (
     build_judges,
     evaluate_personalization,
-    load_scorer,
+    load_reward_scorers,
+    parse_reward_model_paths,
     plan_evaluation_users,
     write_evaluation_report,
 )
@@ -53,8 +55,10 @@ def parse_args() -> argparse.Namespace:
     judging = parser.add_argument_group("judges")
     judging.add_argument("--scorers", nargs="*", default=["clip_score", "aesthetic", "hps", "pickscore"])
     judging.add_argument(
-        "--scorer_paths", nargs="*", default=[], metavar="NAME=PATH", help="checkpoints other than the Hub defaults"
-    )
+        "--reward_model_paths", nargs="*", default=[], metavar="NAME=PATH",
+        help="checkpoints other than the Hub defaults; NAME.OPTION=VALUE sets another from_pretrained argument "
+        "(e.g. aesthetic.clip_name_or_path=./clip)",
+    )  # fmt: skip
     judging.add_argument("--held_out_pairs_judge", action="store_true", help="judge by the user's held-out pairs")
     judging.add_argument("--vlm_judge", help="a LLaVA-OneVision id or folder that judges for the user")
     judging.add_argument("--max_judge_pairs", type=int, default=16, help="held-out pairs read per user")
@@ -66,6 +70,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("give the adapter to evaluate: --adapter (with --encoder) or a saved --pipeline")
     if not args.scorers and not args.held_out_pairs_judge and not args.vlm_judge:
         parser.error("nothing judges: give --scorers, --held_out_pairs_judge or --vlm_judge")
+    if args.held_out_pairs_judge and not args.scorers:
+        parser.error("--held_out_pairs_judge judges with the --scorers: give at least one")
     return args
 
 
@@ -78,7 +84,14 @@ def held_out_users(args: argparse.Namespace) -> list | None:
             "Which users were held out? Give --held_out_users (the training run's held_out_users.json), or "
             "--all_users_are_held_out for a dataset split the adapter never trained on."
         )
-    return load_held_out_split(path).evaluation_users
+    split = load_held_out_split(path)
+    if (split.dataset, split.dataset_split) != (args.dataset_name, args.dataset_split):
+        logger.warning(
+            "The held-out users were chosen on %s (split %s), and this evaluation reads %s (split %s): make sure "
+            "it is the same data, or the users' rows are others.", split.dataset, split.dataset_split,
+            args.dataset_name, args.dataset_split,
+        )  # fmt: skip
+    return split.evaluation_users
 
 
 def first_draws(path: str | None) -> tuple[dict | None, dict | None]:
@@ -93,11 +106,13 @@ def first_draws(path: str | None) -> tuple[dict | None, dict | None]:
 
 
 def main() -> None:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args()
-    state = Accelerator()  # reads `accelerate launch`'s settings (PartialState alone misses --cpu)
+    # `Accelerator` reads `accelerate launch`'s settings (PartialState alone misses --cpu); the long timeout lets
+    # processes that finish early wait at the last barrier for the others
+    state = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
     args.device = str(state.device)
     dataset = load_pickapic_dataset(args.dataset_name, split=args.dataset_split)
     embeddings, profiles = first_draws(args.user_embeddings)
@@ -107,13 +122,12 @@ def main() -> None:
     )  # fmt: skip
     settings = {k: v for k, v in vars(args).items() if k != "device"}
     settings["users"] = [user.user_id for user in users]
-    if state.is_main_process:  # more users or prompts extend a run; other changes would mix two experiments
-        check_settings(
-            args.output_dir, settings, may_change=("users", "max_users", "max_prompts", "prompts_per_batch")
-        )
+    # more users or prompts extend a run; other changes would mix two experiments; every process checks
+    extends = ("users", "max_users", "max_prompts", "prompts_per_batch")
+    check_settings(args.output_dir, settings, may_change=extends, write=state.is_main_process)
     pipe = load_pipeline(args)
-    paths = dict(item.split("=", 1) for item in args.scorer_paths)
-    scorers = {name: load_scorer(name, paths.get(name), device=state.device) for name in args.scorers}
+    options = parse_reward_model_paths(args.reward_model_paths)
+    scorers = load_reward_scorers(args.scorers, options, device=state.device)
     judges = build_judges(
         scorers if args.held_out_pairs_judge else None, args.vlm_judge, device=state.device, dtype=pipe.prior.dtype
     )

@@ -44,6 +44,8 @@ def test_profile_captions_never_become_prompts_or_held_out_choices():
     assert len(set(map(str.casefold, user.prompts))) == len(user.prompts)  # each caption once
     expected = [c for c in ("a cat", "a dog", "a fish", "a bird") if c not in profile]
     assert [p.casefold() for p in user.prompts] == expected
+    # the judge learns from one pair per caption: consecutive rows of a caption repeat one choice
+    assert [captions[r].casefold() for r in user.judge_rows] == expected
     # the same seed gives the same profile as the training draw
     (again,) = plan_evaluation_users(_columns(captions, users, labels), users=[7], num_profile_pairs=2, seed=3)
     assert again == user
@@ -70,6 +72,14 @@ def test_plan_limits_and_errors():
         plan_evaluation_users(columns, ["user1"], num_profile_pairs=7)
     with pytest.raises(ValueError, match="max_prompts"):
         plan_evaluation_users(columns, max_prompts=0)
+    with pytest.raises(ValueError, match=r"user 'user1' lists dataset row 0, which belongs to user 'user0'"):
+        plan_evaluation_users(columns, ["user1"], profiles={"user1": (0, 7, 8, 9)})
+
+
+def test_numpy_user_ids_plan_as_plain_ints():
+    columns = _columns(["a", "b", "c", "d"], list(np.array([3, 3, 3, 3])), [1, 0, 1, 1])
+    (user,) = plan_evaluation_users(columns, users=[np.int64(3)], num_profile_pairs=2)
+    assert type(user.user_id) is int and record_key(user.user_id, 0) == record_key(3, 0)
 
 
 def test_records_survive_a_killed_write_and_keep_user_id_types(tmp_path):
@@ -92,15 +102,17 @@ def test_a_resumed_evaluation_with_other_settings_is_refused(tmp_path):
         check_settings(tmp_path, {"adapter": "b", "seed": 1, "users": [1]}, may_change=("users",))
 
 
-def _record(user, index, base, mine, judge):
+def _record(user, index, base, mine, judge, accuracy=0.75):
     return {"user_id": user, "prompt_index": index, "scores": {"r": {"base": base, "personalized": mine}},
-            "judges": {"j": judge}}  # fmt: skip
+            "judges": {"j": judge, "vlm": 0.5},
+            "judge_details": {"j": {"scorer": "r", "accuracy": accuracy, "pairs": 4},
+                              "vlm": {"p_first_ab": 0.75, "p_first_ba": 0.25 + index / 10}}}  # fmt: skip
 
 
 def test_win_rates_weigh_users_equally_and_count_ties_half():
     records = [
         _record(1, 0, 0.0, 1.0, 0.9), _record(1, 1, 1.0, 1.0, 0.5), _record(1, 2, 2.0, 1.0, 0.2),  # r: 1, .5, 0
-        _record(2, 0, 0.0, 3.0, 0.7),  # r: 1
+        _record(2, 0, 0.0, 3.0, 0.7, accuracy=0.5),  # r: 1
     ]  # fmt: skip
     summary = summarize_records(records)
     reward, judge = summary["win_rates"]["reward/r"], summary["win_rates"]["judge/j"]
@@ -110,6 +122,11 @@ def test_win_rates_weigh_users_equally_and_count_ties_half():
     assert summary["rewards"]["r"]["difference"] == pytest.approx(((1 + 0 - 1) / 3 + 3) / 2)
     assert summary["rewards"]["r"]["base"] == pytest.approx(0.75)
     assert summary["judges"]["j"]["mean_probability"] == pytest.approx(0.575)
+    j = summary["judges"]["j"]
+    assert (j["users"], j["users_above_chance"], j["scorers_chosen"]) == (2, 1, {"r": 2})
+    assert summary["win_rates"]["judge/j (users it fits above chance)"]["per_user"] == {"1": 0.5}  # user 2: 0.5
+    # position bias: the mean of P(first) over both orders, (0.75 + 0.25 + i / 10) / 2 for prompt i
+    assert summary["judges"]["vlm"]["position_bias"] == pytest.approx(np.mean([0.5, 0.55, 0.6, 0.5]))
     low, high = reward["ci95"]
     assert 0.5 <= low <= reward["mean"] <= high <= 1.0
     assert (summary["users"], summary["prompts"]) == (2, 4)
@@ -130,7 +147,7 @@ def toy_dataset(tmp_path_factory) -> str:
 def _evaluate(saved_pipeline, toy_dataset, tiny_clip_dir, out, *extra, launcher=(sys.executable,), env=None):  # noqa: F811
     return subprocess.run(
         [*launcher, str(EXAMPLES / "evaluate_ppd.py"), "--pipeline", saved_pipeline, "--dataset_name",
-         toy_dataset, "--all_users_are_held_out", "--scorers", "clip_score", "--scorer_paths",
+         toy_dataset, "--all_users_are_held_out", "--scorers", "clip_score", "--reward_model_paths",
          f"clip_score={tiny_clip_dir}", "--held_out_pairs_judge", "--output_dir", str(out), *SIZE, *extra],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})},
     )  # fmt: skip
@@ -170,10 +187,13 @@ def test_base_images_are_the_base_model_scores_are_the_scorers_and_a_cut_run_res
     rescored = scorers["clip_score"]([base], [record["prompt"]]).item()
     assert record["scores"]["clip_score"]["base"] == pytest.approx(rescored, abs=1e-4)
     assert record["judges"]["held_out_pairs"] in (0.0, 0.5, 1.0)
-    assert 0 <= record["judges"]["vlm"] <= 1
+    assert set(record["judge_details"]["held_out_pairs"]) == {"scorer", "accuracy", "pairs"}
+    vlm = record["judge_details"]["vlm"]  # the verdict combines both orders, whose P(first) is recorded
+    assert record["judges"]["vlm"] == pytest.approx((vlm["p_first_ab"] + 1 - vlm["p_first_ba"]) / 2, abs=1e-6)
 
     summary = write_evaluation_report(records, out, {"adapter": "tiny"})
-    assert set(summary["win_rates"]) == {"reward/clip_score", "judge/held_out_pairs", "judge/vlm"}
+    metrics = {"reward/clip_score", "judge/held_out_pairs", "judge/vlm"}
+    assert metrics <= set(summary["win_rates"]) <= metrics | {"judge/held_out_pairs (users it fits above chance)"}
     for name in ("report.json", "report.md", "win_rates.png", "rewards.png", "grids/user-user0.png"):
         assert (out / name).stat().st_size > 0, name
     assert "![Win rates](win_rates.png)" in (out / "report.md").read_text()
@@ -185,6 +205,9 @@ def test_base_images_are_the_base_model_scores_are_the_scorers_and_a_cut_run_res
     again = evaluate_personalization(pipe, dataset, users, out, scorers, judges, show_progress=False, **GENERATION)
     assert sorted(again, key=lambda r: r["user_id"]) == records
     assert len(path.read_text().splitlines()) == 3  # the first record kept, the cut line and its redo
+    # a smaller plan reports its own users only; the other records stay on disk
+    fewer = evaluate_personalization(pipe, dataset, users[:1], out, scorers, judges, show_progress=False)
+    assert fewer == records[:1] and len(RecordStore(out).load()) == 2
 
 
 @pytest.mark.slow

@@ -12,13 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ppd_diffusers.evaluation.multi_reward import (
-    MultiRewardConfig,
-    pair_label,
-    parse_reward_model_paths,
-    reproduce_multi_reward,
-    share_of_bound,
-)
+from ppd_diffusers.evaluation.multi_reward import MultiRewardConfig, pair_label, reproduce_multi_reward, share_of_bound
+from ppd_diffusers.evaluation.scorer import parse_reward_model_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARDS = ["clip_score", "aesthetic", "hps"]
@@ -123,7 +118,7 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def test_recipe_runs_end_to_end_and_resumes(models, tmp_path, monkeypatch):
     import datasets
 
-    from ppd_diffusers.evaluation.multi_reward import load_reward_scorers
+    from ppd_diffusers.evaluation.scorer import load_reward_scorers
     from ppd_diffusers.training import load_user_embeddings
 
     out = tmp_path / "out"

@@ -15,6 +15,8 @@ _LAZY_NAMES = {
     "RewardScorer": "scorer",
     "SCORERS": "scorer",
     "load_scorer": "scorer",
+    "load_reward_scorers": "scorer",
+    "parse_reward_model_paths": "scorer",
     "CLIPScorer": "clip_score",
     "PickScoreScorer": "pickscore",
     "AestheticScorer": "aesthetic",
@@ -57,8 +59,10 @@ __all__ = [
     "build_judges",
     "evaluate_personalization",
     "held_out_pairs_judge",
+    "load_reward_scorers",
     "load_scorer",
     "mean_of_user_means",
+    "parse_reward_model_paths",
     "plan_evaluation_users",
     "reproduce_multi_reward",
     "scorer_agreement",
@@ -79,7 +83,7 @@ if TYPE_CHECKING:
     from .personalization import JudgeContext, evaluate_personalization
     from .pickscore import PickScoreScorer
     from .report import summarize_records, write_evaluation_report
-    from .scorer import SCORERS, RewardScorer, load_scorer
+    from .scorer import SCORERS, RewardScorer, load_reward_scorers, load_scorer, parse_reward_model_paths
     from .statistics import bootstrap_ci, mean_of_user_means, user_bootstrap_ci, win_rate
     from .users import EvaluationUser, plan_evaluation_users
     from .vlm_judge import VLMJudge

@@ -75,6 +75,7 @@ import torch
 
 from .multi_reward_report import _mean, results_figure, results_markdown, results_table, share_of_bound
 from .records import check_settings
+from .scorer import load_reward_scorers, parse_reward_model_paths
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -83,9 +84,7 @@ __all__ = [
     "evaluate",
     "generate_pairs",
     "label_pairs",
-    "load_reward_scorers",
     "pair_label",
-    "parse_reward_model_paths",
     "reproduce_multi_reward",
     "results_figure",
     "results_markdown",
@@ -222,60 +221,6 @@ class MultiRewardConfig:
     def pairs_per_step(self) -> int:
         """Pairs per optimizer step on one process (every method's budget is ``max_train_steps`` of these)."""
         return self.train_batch_size * self.gradient_accumulation_steps
-
-
-def parse_reward_model_paths(items: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``name=path`` items (a reward's checkpoint) and ``name.option=value`` items (another argument of its
-    ``from_pretrained``, e.g. the CLIP the aesthetic head reads) as ``load_scorer`` arguments per reward.
-
-    Raises:
-        ValueError: An item without ``=``, or a setting given twice.
-
-    Examples:
-        >>> parse_reward_model_paths(["aesthetic=./head", "aesthetic.clip_name_or_path=./clip", "hps=./hps"])
-        {'aesthetic': {'name_or_path': './head', 'clip_name_or_path': './clip'}, 'hps': {'name_or_path': './hps'}}
-    """
-    options: dict[str, dict[str, str]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        name, dot, option = key.partition(".")
-        if not sep or not name or not value or (dot and not option):
-            raise ValueError(f"`reward_model_paths` items are `name=path` or `name.option=value`, got {item!r}.")
-        option = option or "name_or_path"
-        if option in options.get(name, {}):
-            raise ValueError(f"`reward_model_paths` sets {name}'s {option!r} twice.")
-        options.setdefault(name, {})[option] = value
-    return options
-
-
-def load_reward_scorers(
-    names: Sequence[str], options: Mapping[str, Mapping[str, str]] | None = None, **kwargs: Any
-) -> dict[str, Callable[..., torch.Tensor]]:
-    """Builds each named reward scorer with ``load_scorer`` (its published checkpoint unless ``options`` names one).
-
-    Args:
-        names: Scorer names (``"clip_score"``, ``"pickscore"``, ``"aesthetic"``, ``"hps"``).
-        options: Reward name -> ``load_scorer`` arguments (``name_or_path`` and others), as
-            ``parse_reward_model_paths`` returns them.
-        **kwargs: Passed to every ``load_scorer`` call (``device``, ``torch_dtype``, ``batch_size``...).
-
-    Returns:
-        Name -> scorer, in the order of ``names``.
-
-    Raises:
-        ValueError: ``options`` names a reward that is not in ``names``.
-    """
-    from .scorer import load_scorer
-
-    options = {name: dict(value) for name, value in (options or {}).items()}
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        raise ValueError(f"`reward_model_paths` names {unknown}, which are not among the rewards {list(names)}.")
-    scorers = {}
-    for name in names:
-        own = options.get(name, {})
-        scorers[name] = load_scorer(name, own.pop("name_or_path", None), **own, **kwargs)
-    return scorers
 
 
 def pair_label(score_0: float, score_1: float) -> float:

@@ -4,7 +4,7 @@ For every held-out user the embedding comes from their profile pairs; for each o
 pipeline draws the base image (preference scale 0, the plain base model) and the personalized image from the
 same noise, and every reward scorer and personalized judge compares the two. Results are appended per (user,
 prompt) as they come (``RecordStore``), so a killed run continues where it stopped; under ``accelerate launch``
-each process takes every n-th user and the main process writes the report.
+each process takes every n-th user with work left and the main process writes the report.
 """
 
 from __future__ import annotations
@@ -82,11 +82,12 @@ def evaluate_personalization(
         users: From ``plan_evaluation_users``.
         output_dir: Images go to ``images/``, results to ``records/``.
         scorers: Reward scorers by name (``scorer(images, prompts) -> scores``), e.g. from ``load_scorer``.
-        judges: Personalized judges by name (``judge(context, prompts, images_a, images_b) -> P(a)``), e.g.
+        judges: Personalized judges by name (``judge(context, prompts, images_a, images_b) -> P(a)``, or
+            ``(P(a), details)`` with one JSON-ready dict per prompt, recorded under ``judge_details``), e.g.
             ``held_out_pairs_judge(...)`` or ``vlm_judge(...)``.
         user_embeddings: Precomputed embeddings ``(tokens, width)`` by user id (e.g. the training run's file);
             users missing from it are encoded from their profile pairs with ``pipe.encode_user``.
-        max_judge_pairs: Held-out pairs decoded per user for the judges (the first ones in row order).
+        max_judge_pairs: Held-out pairs decoded per user for the judges (one per distinct caption, in row order).
         prompts_per_batch: Prompts generated together (two images each).
         seed: Seed of the noise; prompt ``i`` of user ``u`` always gets the same noise, in any process.
         state: The ``accelerate.Accelerator`` (or ``PartialState``) whose processes share the users.
@@ -94,10 +95,11 @@ def evaluate_personalization(
         **generation_kwargs: Passed to the pipeline (``num_inference_steps``, ``height``, ``guidance_scale``...).
 
     Returns:
-        Every record of the evaluation (all processes) on the main process, ``None`` on the others. Each record
+        Every record of the planned users and prompts (all processes) on the main process, ``None`` on the
+        others. Each record
         holds ``user_id``, ``prompt_index``, ``prompt``, ``seed``, ``images`` (paths of ``base`` and
         ``personalized``), ``scores`` (per scorer, ``base`` and ``personalized``) and ``judges`` (per judge,
-        the probability that the user prefers the personalized image).
+        the probability that the user prefers the personalized image, and ``judge_details``).
     """
     scorers, judges = dict(scorers or {}), dict(judges or {})
     if not scorers and not judges:
@@ -111,18 +113,20 @@ def evaluate_personalization(
     output_dir = Path(output_dir)
     store = RecordStore(output_dir, state.process_index)
     done = store.load()
-    mine = list(users)[state.process_index :: state.num_processes]
-    todo = [(user, [i for i in range(len(user.prompts)) if record_key(user.user_id, i) not in done]) for user in mine]
-    todo = [(user, indices) for user, indices in todo if indices]
+    planned = {record_key(user.user_id, i) for user in users for i in range(len(user.prompts))}
+    # users with work left are dealt out after the finished ones are set aside, so a resumed run (or one with
+    # another number of processes) keeps every process busy rather than some waiting at the barrier
+    todo = [(user, [i for i in range(len(user.prompts)) if record_key(user.user_id, i) not in done]) for user in users]
+    todo = [(user, indices) for user, indices in todo if indices][state.process_index :: state.num_processes]
     total = sum(len(indices) for _, indices in todo)
     logger.info("Process %d: %d users, %d prompts to evaluate (%d done before).", state.process_index, len(todo),
-                total, len(done))  # fmt: skip
+                total, len(planned & done.keys()))  # fmt: skip
     bar = tqdm(total=total, desc="evaluating", unit="prompt", disable=not show_progress)
     for user, indices in todo:
         context = JudgeContext(
             user.user_id,
             [pair_from_row(dataset[row]) for row in user.profile_rows],
-            [pair_from_row(dataset[row]) for row in user.held_out_rows[:max_judge_pairs]] if judges else [],
+            [pair_from_row(dataset[row]) for row in user.judge_rows[:max_judge_pairs]] if judges else [],
         )
         embedding = _user_embedding(pipe, context, user_embeddings)
         for start in range(0, len(indices), prompts_per_batch):
@@ -133,7 +137,10 @@ def evaluate_personalization(
             bar.update(len(chunk))
     bar.close()
     state.wait_for_everyone()
-    return list(store.load().values()) if state.is_main_process else None
+    if not state.is_main_process:
+        return None
+    # records of users or prompts no longer planned (a smaller --max_users) stay on disk but out of the report
+    return [record for key, record in store.load().items() if key in planned]
 
 
 def _user_embedding(pipe: Any, context: JudgeContext, table: Mapping[Any, torch.Tensor] | None) -> torch.Tensor:
@@ -156,14 +163,17 @@ def _evaluate_chunk(pipe, user, context, embedding, indices, scorers, judges, se
     )
     base, mine = output.images[0::2], output.images[1::2]
     scores = {name: scorer(base + mine, prompts + prompts) for name, scorer in scorers.items()}
-    verdicts = {name: judge(context, prompts, mine, base) for name, judge in judges.items()}
+    verdicts, details = {}, {}
+    for name, judge in judges.items():
+        verdict = judge(context, prompts, mine, base)
+        verdicts[name], details[name] = verdict if isinstance(verdict, tuple) else (verdict, None)
     for k, (index, prompt) in enumerate(zip(indices, prompts, strict=True)):
         paths = {variant: image_path(user.user_id, index, variant) for variant in ("base", "personalized")}
         for variant, image in (("base", base[k]), ("personalized", mine[k])):
             (output_dir / paths[variant]).parent.mkdir(parents=True, exist_ok=True)
             image.save(output_dir / paths[variant])
         yield {
-            "user_id": user.user_id.item() if hasattr(user.user_id, "item") else user.user_id,  # numpy ints: JSON
+            "user_id": user.user_id,
             "prompt_index": index,
             "prompt": prompt,
             "seed": seeds[k],
@@ -172,4 +182,5 @@ def _evaluate_chunk(pipe, user, context, embedding, indices, scorers, judges, se
                 name: {"base": float(s[k]), "personalized": float(s[len(prompts) + k])} for name, s in scores.items()
             },
             "judges": {name: float(p[k]) for name, p in verdicts.items()},
+            "judge_details": {name: d[k] for name, d in details.items() if d is not None},
         }

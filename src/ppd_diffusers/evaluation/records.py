@@ -68,11 +68,19 @@ def check_settings(
     settings: dict,
     may_change: Collection[str] = ("users",),
     filename: str = "settings.json",
+    write: bool = True,
 ) -> None:
     """Records a run's settings in ``folder/<filename>``, refusing to continue one run with others.
 
     A resumed run must make its outputs the same way, or they would mix two experiments; the keys in
     ``may_change`` (e.g. how many users, batch sizes) may differ, and are updated.
+
+    Args:
+        folder: The run's output folder.
+        settings: The settings, JSON-ready (other values are recorded as ``str``).
+        may_change: Keys that may differ from the recorded run.
+        filename: The settings file in ``folder``.
+        write: Record the settings (the main process); ``False`` only checks them (the other processes).
 
     Raises:
         ValueError: Naming every setting that differs from the recorded run.
@@ -92,6 +100,8 @@ def check_settings(
             )
         if recorded == settings:
             return
+    if not write:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     # written whole, then renamed: a kill never leaves a half file
     path.with_suffix(".tmp").write_text(json.dumps(settings, indent=2), encoding="utf-8")

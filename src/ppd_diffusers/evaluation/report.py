@@ -9,7 +9,7 @@ weighs the same, as in the paper's per-user protocol), its 95 % interval a boots
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,11 @@ def _outcomes(records: Sequence[dict]) -> dict[str, dict[str, list[float]]]:
         for name, pair in record["scores"].items():
             table[f"reward/{name}"][user].extend(pairwise_outcomes([pair["personalized"]], [pair["base"]]))
         for name, probability in record["judges"].items():
-            table[f"judge/{name}"][user].extend(pairwise_outcomes([probability], [0.5]))
+            outcome = pairwise_outcomes([probability], [0.5])
+            table[f"judge/{name}"][user].extend(outcome)
+            detail = record.get("judge_details", {}).get(name, {})
+            if detail.get("accuracy", 0) > 0.5:  # a judge that agrees with the user's held-out choices
+                table[f"judge/{name} (users it fits above chance)"][user].extend(outcome)
     return table
 
 
@@ -73,7 +77,7 @@ def summarize_records(records: Sequence[dict], seed: int = 0) -> dict[str, Any]:
             "ci95": [low, high],
         }
     judges = {
-        name: {"mean_probability": float(np.mean([r["judges"][name] for r in records if name in r["judges"]]))}
+        name: _judge_summary([r for r in records if name in r["judges"]], name)
         for name in sorted({name for record in records for name in record["judges"]})
     }
     return {
@@ -83,6 +87,22 @@ def summarize_records(records: Sequence[dict], seed: int = 0) -> dict[str, Any]:
         "rewards": rewards,
         "judges": judges,
     }
+
+
+def _judge_summary(records: Sequence[dict], name: str) -> dict[str, Any]:
+    """A judge's mean probability, and what its details tell: the VLM judge's position bias (the mean P(first
+    image) over both orders, 0.5 for none), the held-out-pairs judge's chosen scorers and agreement."""
+    summary: dict[str, Any] = {"mean_probability": float(np.mean([r["judges"][name] for r in records]))}
+    details = [r["judge_details"][name] for r in records if name in r.get("judge_details", {})]
+    if details and "p_first_ab" in details[0]:
+        summary["position_bias"] = float(np.mean([(d["p_first_ab"] + d["p_first_ba"]) / 2 for d in details]))
+    if details and "accuracy" in details[0]:
+        per_user = {str(r["user_id"]): r["judge_details"][name] for r in records if name in r.get("judge_details", {})}
+        summary["users"] = len(per_user)
+        summary["users_above_chance"] = sum(d["accuracy"] > 0.5 for d in per_user.values())
+        summary["mean_accuracy"] = float(np.mean([d["accuracy"] for d in per_user.values()]))
+        summary["scorers_chosen"] = dict(Counter(d["scorer"] for d in per_user.values()).most_common())
+    return summary
 
 
 def win_rate_figure(summary: dict) -> Any:
@@ -160,10 +180,18 @@ def markdown(summary: dict, grids: Sequence[str]) -> str:
                 f"| {name} | {row['base']:.4g} | {row['personalized']:.4g} | {row['difference']:+.4g} | "
                 f"{low:+.4g} to {high:+.4g} |"
             )
-    if summary["judges"]:
-        lines += ["", "Mean probability that the user prefers the personalized image, per judge: "
-                  + ", ".join(f"{name} {row['mean_probability']:.2f}" for name, row in summary["judges"].items())
-                  + "."]  # fmt: skip
+    for name, row in summary["judges"].items():
+        facts = [f"mean probability that the user prefers the personalized image {row['mean_probability']:.2f}"]
+        if "position_bias" in row:
+            facts.append(f"position bias {row['position_bias']:.2f} (mean P(first image) over both orders; 0.5: none)")
+        if "users_above_chance" in row:
+            chosen = ", ".join(f"{scorer} {count}" for scorer, count in row["scorers_chosen"].items())
+            facts.append(
+                f"agrees with the user's held-out choices above chance for {row['users_above_chance']} of "
+                f"{row['users']} users (mean accuracy {row['mean_accuracy']:.2f}; scorer chosen: {chosen})"
+            )
+        lines += ["", f"Judge `{name}`: " + "; ".join(facts) + "."]
+
     lines += ["", "## Figures", "", "![Win rates](win_rates.png)", ""]
     if summary["rewards"]:
         lines += ["![Mean rewards](rewards.png)", ""]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,7 +26,9 @@ __all__ = [
     "CLIPSimilarityScorer",
     "RewardScorer",
     "image_pixel_values",
+    "load_reward_scorers",
     "load_scorer",
+    "parse_reward_model_paths",
     "load_tensors",
     "projected",
     "resolve_weights_file",
@@ -295,3 +297,55 @@ def load_scorer(name: str, name_or_path: str | os.PathLike | None = None, **kwar
 # every built-in scorer registers itself on import; each module imports only this one, so any order works
 for _module in _SCORER_MODULES:
     importlib.import_module(f"{__package__}.{_module}")
+
+
+def parse_reward_model_paths(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``name=path`` items (a reward's checkpoint) and ``name.option=value`` items (another argument of its
+    ``from_pretrained``, e.g. the CLIP the aesthetic head reads) as ``load_scorer`` arguments per reward.
+
+    Raises:
+        ValueError: An item without ``=``, or a setting given twice.
+
+    Examples:
+        >>> parse_reward_model_paths(["aesthetic=./head", "aesthetic.clip_name_or_path=./clip", "hps=./hps"])
+        {'aesthetic': {'name_or_path': './head', 'clip_name_or_path': './clip'}, 'hps': {'name_or_path': './hps'}}
+    """
+    options: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, option = key.partition(".")
+        if not sep or not name or not value or (dot and not option):
+            raise ValueError(f"`reward_model_paths` items are `name=path` or `name.option=value`, got {item!r}.")
+        option = option or "name_or_path"
+        if option in options.get(name, {}):
+            raise ValueError(f"`reward_model_paths` sets {name}'s {option!r} twice.")
+        options.setdefault(name, {})[option] = value
+    return options
+
+
+def load_reward_scorers(
+    names: Sequence[str], options: Mapping[str, Mapping[str, str]] | None = None, **kwargs: Any
+) -> dict[str, RewardScorer]:
+    """Builds each named reward scorer with ``load_scorer`` (its published checkpoint unless ``options`` names one).
+
+    Args:
+        names: Scorer names (``"clip_score"``, ``"pickscore"``, ``"aesthetic"``, ``"hps"``).
+        options: Reward name -> ``load_scorer`` arguments (``name_or_path`` and others), as
+            ``parse_reward_model_paths`` returns them.
+        **kwargs: Passed to every ``load_scorer`` call (``device``, ``torch_dtype``, ``batch_size``...).
+
+    Returns:
+        Name -> scorer, in the order of ``names``.
+
+    Raises:
+        ValueError: ``options`` names a reward that is not in ``names``.
+    """
+    options = {name: dict(value) for name, value in (options or {}).items()}
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"`reward_model_paths` names {unknown}, which are not among the rewards {list(names)}.")
+    scorers = {}
+    for name in names:
+        own = options.get(name, {})
+        scorers[name] = load_scorer(name, own.pop("name_or_path", None), **own, **kwargs)
+    return scorers

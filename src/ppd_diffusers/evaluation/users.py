@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..training.held_out import _plain
 from ..training.pickapic import LeakageIndex, UserDraw, _read_columns, normalize_caption, sample_user_draws
 
 __all__ = ["EvaluationUser", "plan_evaluation_users"]
@@ -29,12 +30,15 @@ class EvaluationUser:
         held_out_rows: The user's other non-tied rows that share no caption or image with the profile (their later
             choices).
         prompts: Distinct captions of ``held_out_rows`` in row order, at most ``max_prompts``; generated for them.
+        judge_rows: The first of ``held_out_rows`` for each distinct caption: the choices a judge learns the
+            user from (consecutive Pick-a-Pic rows of one caption repeat a choice, and are not independent).
     """
 
     user_id: Any
     profile_rows: tuple[int, ...]
     held_out_rows: tuple[int, ...]
     prompts: tuple[str, ...]
+    judge_rows: tuple[int, ...] = ()
 
 
 def plan_evaluation_users(
@@ -64,7 +68,8 @@ def plan_evaluation_users(
         The users with at least one prompt left, in the order of ``users`` (sorted ids when ``None``).
 
     Raises:
-        ValueError: A requested user has no pairs in the dataset, or too few for a profile.
+        ValueError: A requested user has no pairs in the dataset, or too few for a profile; a profile row does
+            not exist or belongs to another user (the embeddings were computed on other data).
     """
     if num_profile_pairs < 1:
         raise ValueError(f"`num_profile_pairs` must be positive, got {num_profile_pairs}.")
@@ -72,16 +77,25 @@ def plan_evaluation_users(
         if value is not None and value < 1:
             raise ValueError(f"`{name}` must be a positive integer or None, got {value}.")
     captions, user_ids, labels = _read_columns(dataset, ("caption", "user_id", "label_0"))
+    user_ids = [_plain(user) for user in user_ids]  # numpy ids: the same keys and seeds as after a JSON round trip
     draws, stats = sample_user_draws(
         {"user_id": user_ids, "label_0": labels}, num_pairs=num_profile_pairs, draws=1, seed=seed
     )
     profile_of = {draw.user_id: draw.rows for draw in draws}
     if profiles is not None:
-        profile_of.update({user: tuple(rows) for user, rows in profiles.items()})
+        for user, rows in profiles.items():
+            for row in rows:
+                if not 0 <= row < len(user_ids) or user_ids[row] != _plain(user):
+                    owner = "does not exist" if not 0 <= row < len(user_ids) else f"belongs to user {user_ids[row]!r}"
+                    raise ValueError(
+                        f"The profile of user {user!r} lists dataset row {row}, which {owner}: the embeddings were "
+                        "computed on another dataset or split."
+                    )
+            profile_of[_plain(user)] = tuple(rows)
     if users is None:
         users = [draw.user_id for draw in draws]
     else:
-        users = list(users)
+        users = [_plain(user) for user in users]
         for user in users:
             if user not in profile_of:
                 pairs = stats.per_user_pairs.get(user, 0)
@@ -101,13 +115,11 @@ def plan_evaluation_users(
             break
         profile = profile_of[user]
         held_out = tuple(row for row in rows_of[user] if not leakage.leaks(row, UserDraw(user, 0, profile)))
-        seen: set[str] = set()
-        prompts: list[str] = []
+        first_of_caption: dict[str, int] = {}
         for row in held_out:
-            key = normalize_caption(captions[row])
-            if key not in seen and (max_prompts is None or len(prompts) < max_prompts):
-                seen.add(key)
-                prompts.append(str(captions[row]).strip())
+            first_of_caption.setdefault(normalize_caption(captions[row]), row)
+        rows = list(first_of_caption.values())
+        prompts = tuple(str(captions[row]).strip() for row in rows[:max_prompts])
         if prompts:
-            planned.append(EvaluationUser(user, tuple(profile), held_out, tuple(prompts)))
+            planned.append(EvaluationUser(user, tuple(profile), held_out, prompts, tuple(rows)))
     return planned

@@ -16,7 +16,7 @@ from ..encoder_base import load_processors, load_quietly, pop_hub_kwargs, resolv
 from ..preference_pairs import ImageLike, PreferencePair, as_user_pairs, load_rgb_image
 from .heldout_judge import check_comparisons
 
-__all__ = ["DEFAULT_VLM_JUDGE", "VLMJudge"]
+__all__ = ["DEFAULT_VLM_JUDGE", "VLMJudge", "combine_orders"]
 
 DEFAULT_VLM_JUDGE = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
 _TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # where processors keep their chat template
@@ -285,15 +285,30 @@ class VLMJudge:
             A float32 CPU tensor ``(N,)`` in ``[0, 1]``, the mean of both orders (see the class);
             ``judge(u, p, a, b) == 1 - judge(u, p, b, a)``.
         """
+        return combine_orders(*self.both_orders(profile_pairs, prompts, images_a, images_b, show_progress))
+
+    __call__ = judge
+
+    def both_orders(
+        self,
+        profile_pairs: Sequence[Any],
+        prompts: str | Sequence[str],
+        images_a: Sequence[ImageLike],
+        images_b: Sequence[ImageLike],
+        show_progress: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """P(the model answers the first image) with ``a`` shown first, and with ``b`` shown first: what ``judge``
+        combines (``combine_orders``), kept apart to report each comparison's position bias.
+
+        Returns:
+            Two float32 CPU tensors ``(N,)``: P(first) for the order (a, b) and for the order (b, a).
+        """
         profile, prompts, a, b = self._inputs(profile_pairs, prompts, images_a, images_b)
         # both orders of a comparison side by side, so that they share a batch
         p = self._ask(
             profile, [q for q in prompts for _ in (0, 1)], _interleave(a, b), _interleave(b, a), show_progress
         )
-        p_ab, p_ba = p[0::2].double(), p[1::2].double()
-        return ((p_ab + (1 - p_ba)) / 2).float()
-
-    __call__ = judge
+        return p[0::2], p[1::2]
 
     def _ask(self, profile, prompts, first, second, show_progress) -> torch.Tensor:
         conversations = [self._conversation(profile, *c) for c in zip(prompts, first, second, strict=True)]
@@ -365,3 +380,9 @@ def _read_chat_template(name_or_path: str, hub: dict[str, Any]) -> str | None:
             text = f.read()
         return json.loads(text)["chat_template"] if filename.endswith(".json") else text
     return None
+
+
+def combine_orders(p_first_ab: torch.Tensor, p_first_ba: torch.Tensor) -> torch.Tensor:
+    """P(a preferred) from both orders, ``(P(first | a, b) + 1 - P(first | b, a)) / 2``: a preference for
+    whichever image comes first adds to one term what it takes from the other, so it cancels."""
+    return ((p_first_ab.double() + (1 - p_first_ba.double())) / 2).float()
