@@ -32,7 +32,7 @@ _LAZY_NAMES = {
     "evaluate_personalization": "personalization",
     "summarize_records": "report",
     "write_evaluation_report": "report",
-    "MultiRewardConfig": "multi_reward",
+    "MultiRewardConfig": "multi_reward_config",
     "reproduce_multi_reward": "multi_reward",
     "ScorerAgreement": "heldout_judge",
     "scorer_agreement": "heldout_judge",
@@ -79,7 +79,8 @@ if TYPE_CHECKING:
     from .heldout_judge import HeldOutPairsJudge, ScorerAgreement, scorer_agreement
     from .hps import HPSv2Scorer
     from .judges import build_judges, held_out_pairs_judge, vlm_judge
-    from .multi_reward import MultiRewardConfig, reproduce_multi_reward
+    from .multi_reward import reproduce_multi_reward
+    from .multi_reward_config import MultiRewardConfig
     from .personalization import JudgeContext, evaluate_personalization
     from .pickscore import PickScoreScorer
     from .report import summarize_records, write_evaluation_report
