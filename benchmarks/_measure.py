@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -17,20 +18,48 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_median(fns: dict[str, Callable[[], object]], device: str, rounds: int, warmup: int) -> dict:
-    """Median seconds of each function, running them in turn each round so that drift hits all alike."""
+def interleaved_median(
+    fns: dict[str, Callable[[], object]],
+    device: str,
+    rounds: int,
+    warmup: int,
+    setups: dict[str, Callable[[], object]] | None = None,
+) -> dict:
+    """Median seconds of each function, running them in turn each round so that drift hits all alike.
+
+    ``setups[name]``, when given, runs untimed before every call of ``fns[name]`` (e.g. to swap a model's
+    attention processors between variants that share the model).
+    """
+    setups = setups or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            setups.get(name, _nothing)()
             fn()
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            setups.get(name, _nothing)()
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _nothing() -> None:
+    pass
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Builds modules directly in ``dtype`` (no transient fp32 copy), like ``from_pretrained(torch_dtype=...)``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def current_rss_bytes() -> int:

@@ -50,7 +50,8 @@ from diffusers import StableCascadeUNet
 from ppd_diffusers import PPDLoss, UserAdapter
 from ppd_diffusers._stable_cascade import compile_blocks
 from ppd_diffusers.personalized_unet import PersonalizedStageC
-from ppd_diffusers.training import PPDTrainingArguments
+from ppd_diffusers.training import PPDTrainingArguments, StageCObjective
+from ppd_diffusers.training.backbone_training import StageCTraining
 from ppd_diffusers.training.trainer import _optimizer, _optimizer_step  # the trainer's own step (private, by design)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -131,11 +132,11 @@ def trainer_step(case: Case, args) -> tuple:
     pipe = SimpleNamespace(prior=prior, encode_prompt=lambda captions, device, **kwargs: (text, pooled))
 
     loss_fn = PPDLoss(beta=train_args.beta_dpo)
+    base = StageCTraining(train_args, storage)  # the trainer's Stage C base model, on these stand-ins
+    base.pipe, base.objective = pipe, StageCObjective()
 
     def step() -> None:  # the body of train_ppd's loop, less the scheduler and logging
-        _optimizer_step(
-            accelerator, batch, pipe, None, model, loss_fn, adapter, optimizer, None, train_args, g, storage
-        )
+        _optimizer_step(accelerator, batch, base, model, loss_fn, adapter, optimizer, None, train_args, g, storage)
 
     return step, accelerator
 

@@ -18,6 +18,9 @@ drops any; once the budget is spent the rest are skipped and say so):
   Diffusion-DPO with a separate reference copy at 4 pairs (the baseline): pairs/s and peak memory;
 - ``encoder``: a LLaVA-OneVision 0.5B user embedding of 4 pairs (8 images), full depth and truncated at
   layer 12 (``bench_encoder.time_encoders``);
+- ``backbones``: the personalized SDXL (1024 px) and Flux (12B, 1024 px) denoising steps against the plain ones
+  at batch 2 and 8, and the memory of an SDXL adapter-only DPO step of 4 pairs with checkpointing
+  (``bench_backbones``, with fewer rounds than that script's default);
 - ``training_compiled``: the trainer's step at 16 pairs with ``--torch_compile``;
 - ``prior_whole_graph``: the prior of one image after ``pipe.compile_prior(regional=False)`` (one graph for
   the plain and one for the personalized prior: minutes of compiling, the fastest small-batch steps);
@@ -47,6 +50,7 @@ from functools import partial
 from importlib.metadata import version
 from types import SimpleNamespace
 
+import bench_backbones
 import torch
 from _measure import hardware, interleaved_median
 from bench_core import CONFIGS, LATENT_SIZE, conditioning, training_step_fn
@@ -73,10 +77,13 @@ from ppd_diffusers.testing_utils import (
     save_random_llava_onevision,
 )
 
-SECTIONS = ("step", "prior", "training", "encoder", "compile", "step_compiled", "prior_compiled", "training_compiled")
-SECTIONS += ("prior_whole_graph", "evaluation")
+SECTIONS = ("step", "prior", "training", "encoder", "backbones", "compile", "step_compiled", "prior_compiled")
+SECTIONS += ("training_compiled", "prior_whole_graph", "evaluation")
 # rough seconds each section needs at full size on an H100/H200, to skip one that cannot finish in the budget
 ESTIMATE_S = dict(step=30, prior=25, compile=120, step_compiled=20, prior_compiled=15, training=120, encoder=60)
+# backbones: building Flux (12B) and SDXL on the GPU, ~10 rounds of 3 (SDXL 4) step variants, 3 DPO steps (an
+# estimate: not run on a GPU yet)
+ESTIMATE_S.update(backbones=150)
 ESTIMATE_S.update(training_compiled=90, prior_whole_graph=200, evaluation=150)
 TARGETS = dict(step_ratio=1.03, prior_s=0.7, pairs_per_s=14.0, ckpt_4_pairs_bytes=24e9, encoder_layer12_ms=37.0)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -296,6 +303,16 @@ def time_encoder(args) -> dict:
     return {"config": "tiny" if args.tiny else "llava-onevision-0.5b", "users_per_batch": len(users), "rows": rows}
 
 
+def time_backbones(args) -> dict:
+    """``bench_backbones`` at the suite's batch sizes with ``args.backbone_rounds`` rounds (fewer than the
+    script's default, to fit the budget); the section keeps its settings, models, step rows and DPO row."""
+    argv = (["--tiny"] if args.tiny else []) + ["--batch-sizes", *map(str, args.batch_sizes)]
+    argv += ["--rounds", str(args.backbone_rounds), "--warmup", str(args.backbone_warmup)]
+    argv += ["--dpo-pairs", str(args.backbone_dpo_pairs), "--dpo-rounds", "1" if args.tiny else "3"]
+    result = bench_backbones.run(bench_backbones.parse_args(argv))
+    return {key: result[key] for key in ("settings", "models", "rows", "dpo")}
+
+
 def time_evaluation(args) -> dict:
     """Every reward scorer on ``TARGET_IMAGES`` random 512 px images (``bench_evaluation``), random full-size
     weights in the run's dtype; tiny checkpoints and 16 images of 64 px with ``--tiny``."""
@@ -382,6 +399,7 @@ def run(args) -> dict:
     cases = [Case(args.config, ckpt, "bf16", pairs) for pairs in (4, 16) for ckpt in (False, True)]
     section("training", lambda: time_training(args, cases, budget, with_baseline=True))
     section("encoder", lambda: time_encoder(args))
+    section("backbones", lambda: time_backbones(args))
     section("compile", lambda: compile_prior(args, **{k: models()[k] for k in ("pipe", "unet", "adapter", "users")}))
     section(
         "step_compiled",
@@ -418,6 +436,7 @@ def targets(result: dict) -> list[dict]:
                 f"{ratio:.3f}x (user on every row: {r['ratio_every_row']:.3f}x)",
                 ratio <= TARGETS["step_ratio"],
             )
+    rows += bench_backbones.targets(sections.get("backbones", {}))
     for key in ("prior_whole_graph", "prior_compiled"):
         prior = sections.get(key, {})
         if "user_s" in prior:
@@ -531,6 +550,10 @@ def markdown(result: dict) -> str:
                 f"{r['tokens_per_user']} | {r['ms_per_user']:.1f} | {r['model_ms_per_user']:.1f} | "
                 f"{r['model_time_vs_full']:.2f} |"
             )
+    backbones = sections.get("backbones", {})
+    if backbones.get("rows") or backbones.get("dpo"):
+        lines += ["", "SDXL and Flux steps (`bench_backbones`): " + bench_backbones.settings_line(backbones), ""]
+        lines += bench_backbones.tables(backbones)
     evaluation = sections.get("evaluation", {})
     if evaluation.get("rows"):
         scored = f"{evaluation['num_images']} images of {evaluation['image_size']} px"
@@ -578,11 +601,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     full = dict(latent_size=LATENT_SIZE[args.config], image_size=1024, user_dim=896, user_token_dim=768)
     full.update(text_sizes=CLIP_G_TEXT, dtype=torch.bfloat16, prior_steps=20, prior_rounds=5, encoder_users=4)
     full.update(train_rounds=5, warmup=3, warmup_train=2, rounds_encoder=5)
+    full.update(backbone_rounds=10, backbone_warmup=2, backbone_dpo_pairs=4)
     if args.tiny:  # same code, CPU-sized; compiled with aot_eager (no C++ toolchain needed, compiles fast)
         args.config, args.batch_sizes, args.rounds, args.compile_backend = "tiny", [2, 4], 3, "aot_eager"
         full.update(latent_size=LATENT_SIZE["tiny"], image_size=256, user_dim=64, user_token_dim=32)
         full.update(text_sizes=TINY_TEXT, dtype=torch.float32, prior_steps=3, prior_rounds=1, encoder_users=1)
         full.update(train_rounds=1, warmup=1, warmup_train=1, rounds_encoder=1)
+        full.update(backbone_rounds=2, backbone_warmup=1, backbone_dpo_pairs=2)
     # on the CPU the training rows skip bench_training's per-case child processes that measure memory
     vars(args).update(full, device=device, user_tokens=4, embed_tokens=16, cpu_memory=not args.tiny)
     return args

@@ -42,7 +42,7 @@ def check_pipeline_args(parser: argparse.ArgumentParser, args: argparse.Namespac
 def load_pipeline(args: argparse.Namespace) -> PersonalizedStableCascadePipeline:
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     if args.pipeline:
-        pipe = PersonalizedStableCascadePipeline.from_pretrained(args.pipeline, torch_dtype=dtype)
+        pipe = PersonalizedStableCascadePipeline.from_pretrained(args.pipeline, dtype=dtype)
         if args.adapter:
             pipe.load_user_adapter(args.adapter)
     else:
@@ -52,7 +52,7 @@ def load_pipeline(args: argparse.Namespace) -> PersonalizedStableCascadePipeline
             prior_model_name_or_path=args.prior,
             prior_subfolder=args.prior_subfolder,
             decoder_model_name_or_path=args.decoder,
-            torch_dtype=dtype,
+            dtype=dtype,
             variant="bf16" if dtype == torch.bfloat16 else None,
         )
     return pipe.to(args.device)

@@ -31,7 +31,9 @@ def main() -> None:
     user = parser.add_mutually_exclusive_group()
     user.add_argument("--pairs", help="JSON file of the user's preference pairs, or a folder with pairs.json")
     user.add_argument("--user_embeds", help="a user.safetensors written by an earlier run")
-    parser.add_argument("--preference_scale", type=float, default=1.0, help="0 = plain Stable Cascade")
+    parser.add_argument(
+        "--user_scale", "--preference_scale", type=float, default=1.0, help="0 = plain Stable Cascade"
+    )  # --preference_scale: its former name
     parser.add_argument("--num_images", type=int, default=1, help="images per prompt")
     parser.add_argument("--output_dir", default="ppd-images")
     add_pipeline_args(parser)
@@ -46,7 +48,7 @@ def main() -> None:
     elif args.user_embeds:
         user["user_embeds"] = safetensors.torch.load_file(args.user_embeds)["user_embeds"]
     if user:
-        user["preference_scale"] = args.preference_scale
+        user["user_scale"] = args.user_scale
     output = pipe(
         args.prompt,
         num_images_per_prompt=args.num_images,

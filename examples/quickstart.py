@@ -46,7 +46,7 @@ def main() -> None:
         StableCascadeUNet(**tiny_stage_c_config()).save_pretrained(f"{hub}/prior")
         unet = StableCascadeUNet.from_pretrained(f"{hub}/prior").eval().requires_grad_(False)
 
-        adapter = UserAdapter.from_unet(unet, user_embed_dim=8, num_user_tokens=2, user_token_dim=16)
+        adapter = UserAdapter.from_model(unet, user_embed_dim=8, num_user_tokens=2, user_token_dim=16)
         model = adapter.attach(unet)
         users = torch.randn(2, 1, 8)  # stand-ins for PreferenceEncoder embeddings of users A and B
         signs = torch.tensor([1.0, -1.0])

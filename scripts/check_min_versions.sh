@@ -18,6 +18,9 @@ PY
 tokenizers="$(grep -o '"tokenizers>=[0-9.]*' "$target/transformers/dependency_versions_table.py" | cut -d= -f2)"
 .venv/bin/python -m pip install --quiet --no-deps --target "$target" "tokenizers==$tokenizers" httpx httpcore h11 anyio
 echo "lowest declared versions: ${pins[*]} tokenizers==$tokenizers"
+# the Stable Cascade modules, then the SDXL/Flux ones (user processors, pipelines, DPO objectives): diffusers has no
+# upper bound for those, so its floor is what this script proves for them
 PYTHONPATH="$target" .venv/bin/python -m pytest -q -p no:cacheprovider \
     tests/test_stable_cascade_internals.py tests/test_adapter.py tests/test_attention.py tests/test_pipeline.py \
-    tests/test_compile.py tests/test_preference_encoder.py tests/test_clip_encoder.py tests/test_embedding_cache.py
+    tests/test_compile.py tests/test_preference_encoder.py tests/test_clip_encoder.py tests/test_embedding_cache.py \
+    tests/test_user_processors.py tests/test_pipeline_sdxl.py tests/test_pipeline_flux.py tests/test_dpo_objectives.py

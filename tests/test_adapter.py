@@ -87,10 +87,10 @@ def test_scale_is_folded_into_the_values(unet, adapter):
     randomize_(adapter)
     users = _users(3)
     with torch.no_grad():
-        plain, half = adapter(users), adapter(users, scale=0.5)
+        plain, half = adapter(users), adapter(users, user_scale=0.5)
     assert all(torch.equal(k, k2) for k, k2 in zip(plain.keys, half.keys))
     assert all(torch.equal(0.5 * v, v2) for v, v2 in zip(plain.values, half.values))
-    assert half.scale == 0.5
+    assert half.user_scale == 0.5
 
 
 def test_precomputed_user_kv_equals_user_embeds(unet, adapter):
@@ -98,7 +98,7 @@ def test_precomputed_user_kv_equals_user_embeds(unet, adapter):
     inputs, users = unet_inputs(unet), _users(3)
     model = adapter.attach(unet)
     with torch.no_grad():
-        user_kv = adapter(users, scale=0.5)
+        user_kv = adapter(users, user_scale=0.5)
         assert torch.equal(
             model(**inputs, user_kv=user_kv).sample, model(**inputs, user_embeds=users, user_scale=0.5).sample
         )
@@ -219,7 +219,7 @@ def test_user_rows_skip_the_user_term_and_leave_user_rows_unchanged(unet, adapte
         every_row = model(**inputs, user_embeds=users).sample
         sliced = model(**inputs, user_kv=adapter(users[:2]), user_rows=2).sample
         # the same rows computed the old way: a user on every row, scale 0 (exact zeros) where there is none
-        zero_scaled = model(**inputs, user_kv=adapter(users, scale=torch.tensor([1.0, 1.0, 0.0, 0.0]))).sample
+        zero_scaled = model(**inputs, user_kv=adapter(users, user_scale=torch.tensor([1.0, 1.0, 0.0, 0.0]))).sample
         one_for_all = model(**inputs, user_kv=adapter(users[:1]), user_rows=3).sample
         none = model(**inputs, user_kv=adapter(users[:1]), user_rows=0).sample
     torch.testing.assert_close(sliced, zero_scaled, rtol=0, atol=0)
@@ -242,11 +242,11 @@ def test_user_rows_train_the_adapter_through_the_user_rows_only(unet, adapter):
 
 def test_mismatched_unet_raises_naming_both_shapes(adapter):
     other = build_unet(block_out_channels=(32, 64), num_attention_heads=(2, 4))
-    expected = r"4 x \(48 channels, 4 heads\).*given `unet` has 6 attention blocks.*4 x \(64 channels"
+    expected = r"4 x \(48 channels, 4 heads\).*given model is a Stage C UNet with 6 attention.*4 x \(64 channels"
     with pytest.raises(ValueError, match=expected):
         adapter.attach(other)
     fewer = build_unet(down_num_layers_per_block=(1, 1), up_num_layers_per_block=(1, 1))
-    with pytest.raises(ValueError, match=r"built for a Stage C UNet with 6 attention.*has 4 attention blocks"):
+    with pytest.raises(ValueError, match=r"built for a Stage C UNet with 6 attention.*Stage C UNet with 4 attention"):
         PersonalizedStageC(fewer, adapter)
 
 
@@ -258,11 +258,11 @@ def test_bad_inputs_raise_clear_errors(unet, adapter):
         model(**inputs, user_embeds=_users(2))
     with pytest.raises(ValueError, match="3 users for 2 samples with a user"):
         model(**inputs, user_embeds=_users(3), user_rows=2)
-    with pytest.raises(ValueError, match="`user_rows` must be between 0 and the batch size 3, got 4"):
+    with pytest.raises(ValueError, match="`user_rows` must be None, a number of leading rows.*batch size 3.*got 4"):
         model(**inputs, user_embeds=_users(3), user_rows=4)
     with pytest.raises(ValueError, match="either `user_embeds` or `user_kv`"):
         model(**inputs, user_embeds=_users(3), user_kv=adapter(_users(3)))
-    with pytest.raises(ValueError, match=r"`scale` must be a float or a \(batch,\) tensor matching the 3 users"):
+    with pytest.raises(ValueError, match=r"`user_scale` must be a float or a \(batch,\) tensor matching the 3 users"):
         model(**inputs, user_embeds=_users(3), user_scale=torch.ones(2))
     with pytest.raises(ValueError, match="`user_kv` already carries its scale"):
         model(**inputs, user_kv=adapter(_users(3)), user_scale=0.5)

@@ -80,6 +80,11 @@ def test_user_rows_get_the_formula_and_the_other_rows_the_base_attention(rows, o
 def test_bad_user_rows_raise_clear_errors():
     attn = Attention(query_dim=8, heads=2, dim_head=4, bias=True).eval()
     x, ctx, k = torch.randn(3, 8, 2, 2), torch.randn(3, 5, 8), torch.randn(2, 2, 4, 4)
-    for rows, message in ((4, "user_rows=4"), (-1, "user_rows=-1"), (3, "got user_rows=3 and 2 rows")):
+    for rows, message in (
+        (4, "batch size 3.*got 4"),
+        (-1, "got -1"),
+        (slice(0, 3, 2), "consecutive rows, got slice"),
+        (3, "one per user row \\(3 of the batch of 3\\), got 2 rows"),
+    ):
         with pytest.raises(ValueError, match=message):
             decoupled_attention(attn, x, ctx, k, k, user_rows=rows)

@@ -42,10 +42,10 @@ def test_regional_compilation_matches_eager_and_new_users_do_not_recompile(unet,
     model, inputs = adapter.attach(unet), unet_inputs(unet, batch=4)
     calls = [
         dict(user_kv=adapter(_users(4, 0))),
-        dict(user_kv=adapter(_users(4, 1), scale=0.5)),  # another user and scale
-        dict(user_kv=adapter(_users(4, 2), scale=torch.tensor([1.0, 0.0, 2.0, 0.5]))),  # per-sample scales
+        dict(user_kv=adapter(_users(4, 1), user_scale=0.5)),  # another user and scale
+        dict(user_kv=adapter(_users(4, 2), user_scale=torch.tensor([1.0, 0.0, 2.0, 0.5]))),  # per-sample scales
         dict(user_kv=adapter(_users(2, 3)), user_rows=2),  # a guidance batch: users on half the rows
-        dict(user_kv=adapter(_users(2, 4), scale=0.25), user_rows=2),
+        dict(user_kv=adapter(_users(2, 4), user_scale=0.25), user_rows=2),
         dict(),  # no user: the plain blocks
     ]
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_compiled_pipeline_gives_the_same_images_and_does_not_recompile(stable_c
     calls = [
         dict(user_embeds=u_a),  # one user for both prompts
         dict(user_embeds=torch.cat([u_a, u_b])),  # two users
-        dict(user_embeds=u_b, preference_scale=[0.5, 2.0]),  # other scales
+        dict(user_embeds=u_b, user_scale=[0.5, 2.0]),  # other scales
     ]
     expected = [generate(pipe, prompts, **call) for call in calls] + [generate(pipe, prompts)]
     pipe.compile_prior(regional=regional, **COMPILE)
@@ -112,12 +112,12 @@ def test_whole_graph_compilation_follows_a_new_adapter(stable_cascade_repos, enc
     pipe = build_pipe(stable_cascade_repos, encoder)
     pipe.compile_prior(regional=False, **COMPILE)
     generate(pipe, user_embeds=pipe.encode_user(USER_A))
-    compiled = pipe._personalized_prior
+    compiled = pipe.personalized_model
     assert compiled._compiled_call_impl is not None and compiled.adapter is pipe.user_adapter
-    pipe.load_user_adapter(randomize_(UserAdapter.from_unet(pipe.prior, encoder.embed_dim, 2, 8)))
+    pipe.load_user_adapter(randomize_(UserAdapter.from_model(pipe.prior, encoder.embed_dim, 2, 8)))
     generate(pipe, user_embeds=pipe.encode_user(USER_A))
-    assert pipe._personalized_prior is not compiled and pipe._personalized_prior.adapter is pipe.user_adapter
-    assert pipe._personalized_prior._compiled_call_impl is not None
+    assert pipe.personalized_model is not compiled and pipe.personalized_model.adapter is pipe.user_adapter
+    assert pipe.personalized_model._compiled_call_impl is not None
 
 
 def test_whole_graph_compilation_refuses_an_offloaded_prior_and_regional_runs(stable_cascade_repos, encoder):  # noqa: F811
@@ -135,6 +135,6 @@ def test_whole_graph_compilation_refuses_an_offloaded_prior_and_regional_runs(st
 def test_unloading_the_adapter_drops_the_kept_personalized_prior(stable_cascade_repos, encoder):  # noqa: F811
     pipe = build_pipe(stable_cascade_repos, encoder)
     generate(pipe, user_embeds=pipe.encode_user(USER_A))
-    assert pipe._personalized_prior is not None
+    assert pipe.personalized_model is not None
     pipe.unload_user_adapter()
-    assert pipe._personalized_prior is None
+    assert pipe.personalized_model is None

@@ -73,6 +73,13 @@ def test_generate_writes_images_and_reusable_user_embeds(saved_pipeline, tmp_pat
     run("generate.py", "--pipeline", saved_pipeline, "--prompt", "a red cat", "--output_dir", str(plain), *SIZE)
     personalized, base = (np.asarray(PIL.Image.open(folder / "000_0.png")) for folder in (out, plain))
     assert not np.array_equal(personalized, base)
+    # --user_scale 0 switches the user off: the base model's image
+    off = tmp_path / "off"
+    run(
+        "generate.py", "--pipeline", saved_pipeline, "--user_embeds", str(out / "user.safetensors"),
+        "--user_scale", "0", "--prompt", "a red cat", "--output_dir", str(off), *SIZE,
+    )  # fmt: skip
+    assert np.array_equal(np.asarray(PIL.Image.open(off / "000_0.png")), base)
 
 
 def test_interpolate_users_writes_a_grid_from_user_a_to_user_b(saved_pipeline, tmp_path):

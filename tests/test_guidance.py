@@ -73,6 +73,10 @@ def test_missing_inputs_raise():
         (True, 1.0, None, (True, False, False)),
         (True, 1.0, 1.0, (True, False, False)),
         (True, 0.0, 3.0, (True, True, False)),
+        # after a guidance cutoff (guidance_scale 0, as diffusers' SDCFGCutoffCallback sets it)
+        (False, 0.0, None, (False, True, False)),
+        (True, 0.0, None, (True, False, False)),
+        (True, 0.0, 4.0, (True, True, False)),
     ],
 )
 def test_branches(has_user, g, g_u, expected):

@@ -29,6 +29,12 @@ def test_import_alone_loads_nothing_heavy():
 
 
 PIPELINE_NAMES = ["PaellaVQModel", "PersonalizedStableCascadePipeline", "PersonalizedStableCascadePipelineOutput"]
+OTHER_PIPELINE_NAMES = [
+    "PersonalizedFluxPipeline",
+    "PersonalizedFluxPipelineOutput",
+    "PersonalizedStableDiffusionXLPipeline",
+    "PersonalizedStableDiffusionXLPipelineOutput",
+]
 
 
 def _foreign_modules(setup: str, names: list[str]) -> set[str]:
@@ -40,7 +46,8 @@ def _foreign_modules(setup: str, names: list[str]) -> set[str]:
 
 def test_core_names_load_nothing_beyond_what_diffusers_itself_imports():
     setup = "from diffusers import ConfigMixin, DDPMWuerstchenScheduler, ModelMixin, StableCascadeUNet"
-    names = [name for name in ppd_diffusers.__all__ if name not in PIPELINE_NAMES and name != "__version__"]
+    pipelines = PIPELINE_NAMES + OTHER_PIPELINE_NAMES
+    names = [name for name in ppd_diffusers.__all__ if name not in pipelines and name != "__version__"]
     foreign = _foreign_modules(setup, names)
     assert not foreign, f"`import ppd_diffusers` pulled in {sorted(foreign)}"
 
@@ -53,6 +60,12 @@ def test_pipeline_loads_nothing_beyond_diffusers_pipelines():
     )
     foreign = _foreign_modules(setup, PIPELINE_NAMES)
     assert not foreign, f"the pipeline pulled in {sorted(foreign)}"
+
+
+def test_sdxl_and_flux_pipelines_load_nothing_beyond_their_diffusers_parents():
+    setup = "from diffusers import FluxPipeline, StableDiffusionXLPipeline"
+    foreign = _foreign_modules(setup, OTHER_PIPELINE_NAMES)
+    assert not foreign, f"the SDXL/Flux pipelines pulled in {sorted(foreign)}"
 
 
 def test_version_comes_from_package_metadata():

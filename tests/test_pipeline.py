@@ -82,10 +82,10 @@ def test_fresh_adapter_and_scale_zero_equal_plain_stable_cascade(pipe):
     randomize_(pipe.user_adapter)
     personalized = generate(pipe, preference_pairs=USERS[0])
     assert (personalized - plain).abs().max() > 1e-3
-    assert torch.equal(generate(pipe, preference_pairs=USERS[0], preference_scale=0.0), plain)
+    assert torch.equal(generate(pipe, preference_pairs=USERS[0], user_scale=0.0), plain)
     pipe.set_user_adapter_scale(0)
     assert torch.equal(generate(pipe, preference_pairs=USERS[0]), plain)
-    assert torch.equal(generate(pipe, preference_pairs=USERS[0], preference_scale=1.0), personalized)
+    assert torch.equal(generate(pipe, preference_pairs=USERS[0], user_scale=1.0), personalized)
 
 
 def test_plain_path_equals_diffusers_stable_cascade_pipelines(pipe):
@@ -126,13 +126,13 @@ def test_per_prompt_users_in_one_batch_equal_separate_runs(pipe):
     generators = [torch.Generator().manual_seed(s) for s in (0, 1, 2, 3)]
     batch = pipe(
         prompts, preference_pairs=USERS[:2], num_images_per_prompt=2, generator=generators, output_type="pt",
-        preference_scale=[1.0, 0.7], **CALL,
+        user_scale=[1.0, 0.7], **CALL,
     ).images  # fmt: skip
     for p, (prompt, user, scale) in enumerate(zip(prompts, USERS[:2], [1.0, 0.7])):
         generators = [torch.Generator().manual_seed(s) for s in (2 * p, 2 * p + 1)]
         alone = pipe(
             prompt, preference_pairs=user, num_images_per_prompt=2, generator=generators, output_type="pt",
-            preference_scale=scale, **CALL,
+            user_scale=scale, **CALL,
         ).images  # fmt: skip
         torch.testing.assert_close(batch[2 * p : 2 * p + 2], alone, rtol=0, atol=1e-5)
     # and the users really differ
@@ -181,13 +181,13 @@ def test_only_the_user_rows_pay_for_the_user_and_images_are_unchanged(pipe, monk
     seen = []
     forward = PersonalizedStageC.forward
 
-    def recording(self, sample, *args, user_kv=None, user_rows=None, **kwargs):
-        seen.append((sample.shape[0], user_kv.batch_size, user_rows))
-        return forward(self, sample, *args, user_kv=user_kv, user_rows=user_rows, **kwargs)
+    def recording(self, sample, *args, user_kv=None, **kwargs):
+        seen.append((sample.shape[0], user_kv.batch_size, user_kv.rows))
+        return forward(self, sample, *args, user_kv=user_kv, **kwargs)
 
-    def every_row(self, sample, *args, user_kv=None, user_rows=None, **kwargs):
+    def every_row(self, sample, *args, user_kv=None, **kwargs):
         # what the pipeline did before row slicing: every row gets user keys/values, zero values where no user
-        extra = sample.shape[0] - user_rows
+        extra = sample.shape[0] - user_kv.rows
         padded = UserKeyValues(
             keys=tuple(torch.cat([k, k[:1].expand(extra, -1, -1, -1)]) for k in user_kv.keys),
             values=tuple(torch.cat([v, torch.zeros_like(v[:1]).expand(extra, -1, -1, -1)]) for v in user_kv.values),
@@ -207,8 +207,8 @@ def test_numpy_scalars_are_numbers(pipe):
     import numpy as np
 
     u = pipe.encode_user(USERS[0])
-    expected = generate(pipe, user_embeds=u, guidance_scale=4.0, preference_scale=0.5)
-    got = generate(pipe, user_embeds=u, guidance_scale=np.float32(4.0), preference_scale=[np.float32(0.5)])
+    expected = generate(pipe, user_embeds=u, guidance_scale=4.0, user_scale=0.5)
+    got = generate(pipe, user_embeds=u, guidance_scale=np.float32(4.0), user_scale=[np.float32(0.5)])
     torch.testing.assert_close(got, expected)
 
 
@@ -338,7 +338,7 @@ def test_load_unload_user_adapter(pipe, stable_cascade_repos, tmp_path):
     from ppd_diffusers.testing_utils import tiny_stage_c_config
 
     bigger = StableCascadeUNet(**tiny_stage_c_config(down_num_layers_per_block=(1, 2)))
-    with pytest.raises(ValueError, match="attention blocks"):
+    with pytest.raises(ValueError, match="attention layers"):
         pipe.load_user_adapter(UserAdapter.from_unet(bigger, user_embed_dim=pipe.preference_encoder.embed_dim))
 
 
@@ -389,8 +389,8 @@ BAD_INPUTS = [
     (dict(user_embeds=torch.zeros(1, 4, 48, dtype=torch.int64)), "`user_embeds` must be a floating-point tensor"),
     (dict(user_embeds=torch.zeros(1, 4, 48, dtype=torch.bool)), "`user_embeds` must be a floating-point tensor"),
     (dict(user_embeds=torch.zeros(1, 4, 48, dtype=torch.complex64)), "`user_embeds` must be a floating-point"),
-    (dict(user_embeds=torch.zeros(1, 4, 48), preference_scale=float("nan")), "`preference_scale` must be a finite"),
-    (dict(user_embeds=torch.zeros(1, 4, 48), preference_scale=[float("-inf")]), "`preference_scale` must be a fin"),
+    (dict(user_embeds=torch.zeros(1, 4, 48), user_scale=float("nan")), "`user_scale` must be a finite"),
+    (dict(user_embeds=torch.zeros(1, 4, 48), user_scale=[float("-inf")]), "`user_scale` must be a fin"),
     (dict(latents=torch.full((1, 4, 4, 4), float("inf"))), "`latents` holds NaN or infinite values"),
     (dict(output_type="jpeg"), "`output_type` must be one of"),
     (dict(preference_pairs=USERS[0], user_embeds=torch.zeros(1, 4, 48)), "either `preference_pairs` or `user_embeds`"),
@@ -399,9 +399,9 @@ BAD_INPUTS = [
     (dict(user_embeds=torch.zeros(4, 48)), r"must be a \(users, tokens, 48\) tensor"),
     (dict(user_embeds=torch.zeros(1, 4, 47)), r"must be a \(users, tokens, 48\) tensor"),
     (dict(user_embeds=torch.zeros(2, 4, 48)), "describes 2 users for 1 prompts"),
-    (dict(preference_scale=1.0), "`preference_scale` weights a user"),
-    (dict(user_embeds=torch.zeros(1, 4, 48), preference_scale=[1.0, 2.0]), "has 2 entries for 1 prompts"),
-    (dict(user_embeds=torch.zeros(1, 4, 48), preference_scale="high"), "`preference_scale` must be a finite number"),
+    (dict(user_scale=1.0), "`user_scale` weights a user"),
+    (dict(user_embeds=torch.zeros(1, 4, 48), user_scale=[1.0, 2.0]), "has 2 entries for 1 prompts"),
+    (dict(user_embeds=torch.zeros(1, 4, 48), user_scale="high"), "`user_scale` must be a finite number"),
     (dict(user_guidance_scale=2.0), "`user_guidance_scale` guides a user"),
     (dict(images=[PIL.Image.new("RGB", (8, 8))]), "`images` needs the pipeline's `image_encoder`"),
     (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),

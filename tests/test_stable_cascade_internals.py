@@ -141,3 +141,26 @@ def test_stage_c_forward_accepts_what_diffusers_rejects():
         for i in range(3):
             one = {k: v[i : i + 1] for k, v in inputs.items()}
             torch.testing.assert_close(per_sample[i : i + 1], stage_c_forward(unet, **one, sca=sca[i]).sample)
+
+
+@pytest.mark.parametrize(
+    ("installed", "warns"), [("0.42.1", False), ("0.42.3", False), ("0.43.0.dev0", True), ("1.0.0", True)]
+)
+def test_a_diffusers_newer_than_the_tested_releases_warns_once(monkeypatch, installed, warns):
+    import warnings
+
+    from ppd_diffusers import _stable_cascade
+
+    monkeypatch.setattr(_stable_cascade, "version", lambda name: installed)
+    _stable_cascade.check_diffusers_version.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            unet = build_unet()
+            UserAdapter.from_model(unet, user_embed_dim=8).attach(unet)  # reads the layout twice, warns once
+        messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        assert len([m for m in messages if "ppd-diffusers[stable-cascade]" in m]) == (1 if warns else 0)
+        if warns:
+            assert f"diffusers {installed} is newer than {_stable_cascade.NEWEST_TESTED_DIFFUSERS}" in messages[0]
+    finally:
+        _stable_cascade.check_diffusers_version.cache_clear()

@@ -288,7 +288,7 @@ def test_script_trains_and_the_pipeline_loads_the_adapter(repos, tmp_path):
     def latents(scale: float) -> torch.Tensor:
         generator = [torch.Generator().manual_seed(0) for _ in range(2)]
         call = dict(height=32, width=32, num_inference_steps=4, output_type="latent", generator=generator)
-        return pipe(["a cat", "a cat"], user_embeds=users, preference_scale=scale, **call).images
+        return pipe(["a cat", "a cat"], user_embeds=users, user_scale=scale, **call).images
 
     personalized, base = latents(1.0), latents(0.0)
     # the trained adapter moves the bright-liking user's latents up and the other's down, relative to the base

@@ -1,4 +1,4 @@
-"""ppd-diffusers: Personalized Preference fine-tuning of Diffusion models (PPD) for Stable Cascade.
+"""ppd-diffusers: Personalized Preference fine-tuning of Diffusion models (PPD) for Stable Cascade, SDXL and Flux.
 
 Public names are imported lazily (PEP 562), so ``import ppd_diffusers`` costs nothing until a name is
 used; training-only and evaluation-only code is never imported by the package itself.
@@ -24,7 +24,12 @@ _LAZY_NAMES = {
     "UserEmbeddingCache": "embedding_cache",
     "UserAdapter": "adapter",
     "UserKeyValues": "adapter",
+    "PersonalizedModel": "personalized_model",
     "PersonalizedStageC": "personalized_unet",
+    "PersonalizedFluxPipeline": "pipeline_personalized_flux",
+    "PersonalizedFluxPipelineOutput": "pipeline_personalized_flux",
+    "PersonalizedStableDiffusionXLPipeline": "pipeline_personalized_stable_diffusion_xl",
+    "PersonalizedStableDiffusionXLPipelineOutput": "pipeline_personalized_stable_diffusion_xl",
     "PersonalizedStableCascadePipeline": "pipeline_personalized_stable_cascade",
     "PersonalizedStableCascadePipelineOutput": "pipeline_personalized_stable_cascade",
     "PaellaVQModel": "paella",
@@ -48,6 +53,11 @@ __all__ = [
     "PaellaVQModel",
     "PersonalizedStableCascadePipeline",
     "PersonalizedStableCascadePipelineOutput",
+    "PersonalizedFluxPipeline",
+    "PersonalizedFluxPipelineOutput",
+    "PersonalizedModel",
+    "PersonalizedStableDiffusionXLPipeline",
+    "PersonalizedStableDiffusionXLPipelineOutput",
     "PersonalizedStageC",
     "PreferenceEncoder",
     "PreferencePair",
@@ -74,10 +84,16 @@ if TYPE_CHECKING:
     from .loss import PPDLoss, PPDLossOutput, ppd_loss
     from .noise import add_noise, alphas_cumprod, sample_timesteps, timestep_weight
     from .paella import PaellaVQModel
+    from .personalized_model import PersonalizedModel
     from .personalized_unet import PersonalizedStageC
+    from .pipeline_personalized_flux import PersonalizedFluxPipeline, PersonalizedFluxPipelineOutput
     from .pipeline_personalized_stable_cascade import (
         PersonalizedStableCascadePipeline,
         PersonalizedStableCascadePipelineOutput,
+    )
+    from .pipeline_personalized_stable_diffusion_xl import (
+        PersonalizedStableDiffusionXLPipeline,
+        PersonalizedStableDiffusionXLPipelineOutput,
     )
     from .preference_encoder import PreferenceEncoder
     from .preference_pairs import PreferencePair, load_preference_pairs

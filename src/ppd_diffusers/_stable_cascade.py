@@ -9,12 +9,17 @@ The private pieces used: the block lists ``down_blocks``/``up_blocks``, ``down_d
 ``up_upscalers``, ``down_repeat_mappers``/``up_repeat_mappers``, the block classes, the submodules
 ``embedding``/``effnet_mapper``/``pixels_mapper``/``clf`` and ``_gradient_checkpointing_func``.
 ``tests/test_stable_cascade_internals.py`` pins them: without a user, ``stage_c_forward`` must equal
-``StableCascadeUNet.forward`` bit for bit on several configurations.
+``StableCascadeUNet.forward`` bit for bit on several configurations. ``NEWEST_TESTED_DIFFUSERS`` is the newest
+diffusers release they passed on; the ``stable-cascade`` extra caps diffusers below its next minor release, and
+the Stage C entry points here warn once on a newer one (SDXL and Flux need none of this and have no cap).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
+from importlib.metadata import version
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +33,42 @@ from diffusers.models.unets.unet_stable_cascade import (
 
 from .attention import decoupled_attention
 
-__all__ = ["attention_block_shapes", "attention_blocks", "compile_blocks", "stage_c_forward"]
+__all__ = [
+    "NEWEST_TESTED_DIFFUSERS",
+    "attention_block_shapes",
+    "attention_blocks",
+    "check_diffusers_version",
+    "compile_blocks",
+    "stage_c_forward",
+]
+
+# the newest diffusers release tests/test_stable_cascade_internals.py passed on (the newest on PyPI when checked);
+# raise it, and the cap of the `stable-cascade` extra in pyproject.toml, after they pass on a newer one
+NEWEST_TESTED_DIFFUSERS = "0.42.1"
+
+
+@functools.cache
+def check_diffusers_version() -> None:
+    """Warns once if the installed diffusers is a newer minor release than ``NEWEST_TESTED_DIFFUSERS``, whose
+    ``StableCascadeUNet`` internals this module was tested against (patch releases of it are accepted, as the
+    ``stable-cascade`` extra's ``diffusers<0.43`` accepts them)."""
+    from packaging.version import Version
+
+    installed = version("diffusers")
+    if Version(installed).release[:2] > Version(NEWEST_TESTED_DIFFUSERS).release[:2]:
+        warnings.warn(
+            f"diffusers {installed} is newer than {NEWEST_TESTED_DIFFUSERS}, the newest release whose Stable Cascade "
+            "internals ppd-diffusers was tested on: the personalized Stage C may fail or differ from "
+            "`StableCascadeUNet`. Install `ppd-diffusers[stable-cascade]`, which caps diffusers at the tested "
+            "releases (SDXL and Flux are not affected).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def attention_blocks(unet: StableCascadeUNet) -> list[SDCascadeAttnBlock]:
     """The UNet's attention blocks in the order ``stage_c_forward`` visits them (down, then up)."""
+    check_diffusers_version()  # every Stage C adapter, personalized model and pipeline starts here
     return [block for level in (*unet.down_blocks, *unet.up_blocks) for block in level if _is_attn(block)]
 
 
@@ -91,6 +127,7 @@ def compile_blocks(unet: StableCascadeUNet, **compile_kwargs) -> int:
     """
     import torch._dynamo
 
+    check_diffusers_version()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compile_kwargs.setdefault("dynamic", False)
     blocks = [block for level in (*unet.down_blocks, *unet.up_blocks) for block in level]

@@ -12,7 +12,7 @@ diffusers' default ``AttnProcessor2_0``, so a zero ``V'`` (the adapter's initial
 reproduces the base layer bit for bit.
 
 Rows without a user (the negative and text-only rows of a guided sampling step) skip the user term
-altogether: ``user_rows`` says how many leading rows of the batch have one.
+altogether: ``user_rows`` says which rows of the batch have one (how many leading rows, or a slice).
 """
 
 from __future__ import annotations
@@ -21,7 +21,40 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-__all__ = ["decoupled_attention"]
+__all__ = ["decoupled_attention", "user_row_slice"]
+
+
+def user_row_slice(user_rows: int | slice | None, batch_size: int) -> slice:
+    """The rows of a batch of ``batch_size`` that have a user: all (``None``), the first ``n`` (an int) or a slice
+    (e.g. ``slice(b, None)``: the conditional half of a ``[negative, positive]`` guidance batch), with concrete
+    bounds. Raises ``ValueError`` for rows outside the batch or a stepped slice.
+
+    Examples:
+        >>> user_row_slice(None, 4), user_row_slice(2, 4), user_row_slice(slice(2, None), 4)
+        (slice(0, 4, None), slice(0, 2, None), slice(2, 4, None))
+    """
+    if user_rows is None:
+        return slice(0, batch_size)
+    if isinstance(user_rows, slice):
+        start, stop, step = user_rows.indices(batch_size)
+        if step == 1 and 0 <= start <= stop <= batch_size:
+            return slice(start, stop)
+    elif isinstance(user_rows, int) and not isinstance(user_rows, bool) and 0 <= user_rows <= batch_size:
+        return slice(0, user_rows)
+    raise ValueError(
+        f"`user_rows` must be None, a number of leading rows between 0 and the batch size {batch_size}, or a slice "
+        f"of consecutive rows, got {user_rows!r}."
+    )
+
+
+def add_user_rows(out: torch.Tensor, user_out: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``out`` with ``user_out`` added to its ``rows`` (dim 0): in place when sampling, out of place for autograd."""
+    if rows.stop - rows.start == out.shape[0]:
+        return out + user_out
+    if torch.is_grad_enabled():  # the attention's backward keeps `out`: no in-place update
+        return torch.cat([out[: rows.start], out[rows] + user_out, out[rows.stop :]])
+    out[rows] += user_out  # sampling: add where the user rows are, no copy of the other rows
+    return out
 
 
 def _split_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
@@ -40,7 +73,7 @@ def decoupled_attention(
     encoder_hidden_states: torch.Tensor,
     user_key: torch.Tensor | None = None,
     user_value: torch.Tensor | None = None,
-    user_rows: int | None = None,
+    user_rows: int | slice | None = None,
 ) -> torch.Tensor:
     """Runs ``attn`` on ``hidden_states`` with an extra, separately normalised user attention.
 
@@ -54,8 +87,8 @@ def decoupled_attention(
             ``None`` skips the user term.
         user_value: User values, same shape as ``user_key``, with the user scale already applied. A batch
             of one serves every row that has a user.
-        user_rows: How many leading rows of the batch have a user (``None``: all of them). The other rows get
-            the base attention alone, without computing a user term for them.
+        user_rows: Which rows of the batch have a user: ``None`` (all), how many leading rows, or a slice (see
+            ``user_row_slice``). The other rows get the base attention alone, without computing a user term.
 
     Returns:
         The attention output, same shape as ``hidden_states``.
@@ -82,22 +115,18 @@ def decoupled_attention(
 
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
     if user_key is not None:
-        rows = batch_size if user_rows is None else user_rows
-        if not 0 <= rows <= batch_size or user_key.shape[0] not in (1, rows):
+        rows = user_row_slice(user_rows, batch_size)
+        count = rows.stop - rows.start
+        if user_key.shape[0] not in (1, count):
             raise ValueError(
-                f"`user_rows` must be between 0 and the batch size {batch_size} and `user_key` hold 1 or `user_rows` "
-                f"rows, got user_rows={user_rows} and {user_key.shape[0]} rows."
+                f"`user_key` must hold 1 row or one per user row ({count} of the batch of {batch_size}), got "
+                f"{user_key.shape[0]} rows."
             )
-        if rows > 0:
-            user_key, user_value = (_batch_rows(t.to(query.dtype), rows) for t in (user_key, user_value))
-            user_query = query if rows == batch_size else query[:rows]
+        if count > 0:
+            user_key, user_value = (_batch_rows(t.to(query.dtype), count) for t in (user_key, user_value))
+            user_query = query if count == batch_size else query[rows]
             user_out = F.scaled_dot_product_attention(user_query, user_key, user_value, dropout_p=0.0, is_causal=False)
-            if rows == batch_size:
-                out = out + user_out
-            elif torch.is_grad_enabled():  # the attention's backward keeps `out`: no in-place update
-                out = torch.cat([out[:rows] + user_out, out[rows:]])
-            else:  # sampling: add to the user rows where they are, no copy of the other rows
-                out[:rows] += user_out
+            out = add_user_rows(out, user_out, rows)
 
     out = out.transpose(1, 2).reshape(batch_size, -1, out.shape[1] * out.shape[-1])
     out = out.to(query.dtype)

@@ -66,10 +66,12 @@ def ppd_loss(
         inside = -0.5 * beta * weight * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))
         loss   = mean(-log(sigmoid(inside)))
 
-    This is the convention of the original Diffusion-DPO code (``beta = 5000``); diffusers' research
-    script folds the 0.5 into its beta, so its ``beta_dpo = 2500`` is this ``beta = 5000``. ``weight``
-    is the ``T * w(lambda_t)`` factor (see ``timestep_weight``). When the policy equals the reference,
-    ``inside == 0`` and the loss is exactly ``log 2``.
+    This is the convention of the original Diffusion-DPO code and of diffusers' SDXL research script
+    (``train_diffusion_dpo_sdxl.py``: ``-0.5 * beta_dpo``, default 5000), so the same ``beta`` means the
+    same loss there and here; diffusers' SD 1.5 script (``train_diffusion_dpo.py``) folds the 0.5 into its
+    beta instead, so its ``beta_dpo = 2500`` is this ``beta = 5000``. ``weight`` is the ``T * w(lambda_t)``
+    factor (see ``timestep_weight``). When the policy equals the reference, ``inside == 0`` and the loss is
+    exactly ``log 2``.
 
     Args:
         model_pred: Policy (user-conditioned) predictions ``(2B, ...)``.

@@ -5,7 +5,8 @@ With ``s = 0.008``::
     abar(t) = clamp(cos^2((t + s) / (1 + s) * pi / 2) / cos^2(s / (1 + s) * pi / 2), 1e-4, 0.9999)
     x_t     = sqrt(abar(t)) * x_0 + sqrt(1 - abar(t)) * eps
 
-The UNet receives ``timestep_ratio = t`` and predicts ``eps``.
+The UNet receives ``timestep_ratio = t`` and predicts ``eps``. SDXL's and Flux's forward processes come from
+their diffusers schedulers (see ``ppd_diffusers.training.objectives``, where ``StageCObjective`` uses this module).
 """
 
 from __future__ import annotations

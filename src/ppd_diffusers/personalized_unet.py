@@ -9,11 +9,12 @@ from torch import nn
 
 from ._stable_cascade import compile_blocks, stage_c_forward
 from .adapter import UserAdapter, UserKeyValues
+from .personalized_model import PersonalizedModel
 
 __all__ = ["PersonalizedStageC"]
 
 
-class PersonalizedStageC(nn.Module):
+class PersonalizedStageC(PersonalizedModel):
     r"""Runs a Stage C ``StableCascadeUNet`` with a ``UserAdapter``, conditioning each sample on its user.
 
     The UNet's weights are never changed. Like peft with its base models, this freezes the UNet
@@ -36,7 +37,7 @@ class PersonalizedStageC(nn.Module):
         ...     up_num_layers_per_block=(1, 1), conditioning_dim=32, clip_text_pooled_in_channels=16,
         ...     clip_text_in_channels=16, clip_image_in_channels=16, in_channels=4, out_channels=4,
         ...     switch_level=(False,))
-        >>> model = UserAdapter.from_unet(unet, user_embed_dim=24).attach(unet)
+        >>> model = UserAdapter.from_model(unet, user_embed_dim=24).attach(unet)
         >>> sample, t, pooled = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 1, 16)
         >>> users = torch.randn(2, 1, 24)  # a different user for each sample
         >>> out = model(sample, t, pooled, user_embeds=users).sample
@@ -45,21 +46,12 @@ class PersonalizedStageC(nn.Module):
     """
 
     def __init__(self, unet: StableCascadeUNet, adapter: UserAdapter | nn.Module):
-        super().__init__()
-        self._adapter_config = _unwrap(adapter).config
-        _unwrap(adapter).check_unet(unet)
-        self.unet = unet.requires_grad_(False).eval()
-        self.adapter = adapter
+        super().__init__(unet, adapter)
 
-    def train(self, mode: bool = True) -> PersonalizedStageC:
-        """Sets the adapter's mode; the frozen UNet stays in ``eval()``."""
-        super().train(mode)
-        self.unet.eval()
-        return self
-
-    def detach(self) -> StableCascadeUNet:
-        """Returns the base UNet (frozen, in eval mode, weights as loaded)."""
-        return self.unet
+    @property
+    def unet(self) -> StableCascadeUNet:
+        """The Stage C UNet (``model``)."""
+        return self.model
 
     def forward(
         self,
@@ -72,7 +64,7 @@ class PersonalizedStageC(nn.Module):
         user_embeds: torch.Tensor | None = None,
         user_kv: UserKeyValues | None = None,
         user_scale: float | torch.Tensor = 1.0,
-        user_rows: int | None = None,
+        user_rows: int | slice | None = None,
         return_dict: bool = True,
         **unet_kwargs: torch.Tensor | float | None,
     ) -> StableCascadeUNetOutput | tuple[torch.Tensor]:
@@ -87,7 +79,7 @@ class PersonalizedStageC(nn.Module):
             clip_img: CLIP image embeddings ``(batch, images, channels)``.
             user_embeds: User embeddings, ``(batch, tokens, user_embed_dim)``; row ``b`` conditions sample ``b``
                 (a single row conditions every sample that has a user). ``None`` runs the base model.
-            user_kv: Precomputed ``adapter(user_embeds, scale=...)``; pass it instead of ``user_embeds`` to
+            user_kv: Precomputed ``adapter(user_embeds, user_scale=...)``; pass it instead of ``user_embeds`` to
                 compute the user keys/values once per generation rather than at every step.
             user_scale: With ``user_embeds``: weight of the user term, a float or a ``(batch,)`` tensor (0
                 gives the base model for that sample). ``user_kv`` carries its own scale.
@@ -97,22 +89,10 @@ class PersonalizedStageC(nn.Module):
         Returns:
             ``StableCascadeUNetOutput`` with ``.sample``, or ``(sample,)`` when ``return_dict=False``.
         """
-        if user_embeds is not None and user_kv is not None:
-            raise ValueError("Pass either `user_embeds` or `user_kv`, not both.")
-        if user_kv is not None and not (isinstance(user_scale, float | int) and user_scale == 1):
-            raise ValueError(
-                "`user_kv` already carries its scale: compute it with `adapter(user_embeds, scale=...)` instead "
-                "of passing `user_scale`."
-            )
-        if user_embeds is not None:
-            user_kv = self.adapter(user_embeds, scale=user_scale)
-        batch_size = sample.shape[0]
-        if user_rows is not None and not 0 <= user_rows <= batch_size:
-            raise ValueError(f"`user_rows` must be between 0 and the batch size {batch_size}, got {user_rows}.")
+        user_kv = self.user_key_values(sample.shape[0], user_embeds, user_kv, user_scale, user_rows)
         keys = values = None
         if user_kv is not None:
-            self._check_user_kv(user_kv, batch_size if user_rows is None else user_rows)
-            keys, values = user_kv.keys, user_kv.values
+            keys, values, user_rows = user_kv.keys, user_kv.values, user_kv.rows
         out = stage_c_forward(
             self.unet,
             sample,
@@ -147,25 +127,3 @@ class PersonalizedStageC(nn.Module):
         """
         compile_blocks(self.unet, **compile_kwargs)
         return self
-
-    def _check_user_kv(self, user_kv: UserKeyValues, batch_size: int) -> None:
-        blocks = len(self._adapter_config.block_channels)
-        if len(user_kv.keys) != blocks or len(user_kv.values) != blocks:
-            raise ValueError(
-                f"`user_kv` holds {len(user_kv.keys)} blocks, but the UNet has {blocks} attention blocks: compute it "
-                "with the adapter attached here."
-            )
-        if user_kv.batch_size not in (1, batch_size) or user_kv.values[0].shape[0] not in (1, batch_size):
-            raise ValueError(
-                f"`user_embeds`/`user_kv` has {user_kv.batch_size} users for {batch_size} samples with a user: "
-                "pass one user per sample, or a single user for all of them."
-            )
-
-
-def _unwrap(module: nn.Module) -> UserAdapter:
-    """The ``UserAdapter`` inside a DDP/accelerate wrapper (``.module``) or the module itself."""
-    while not isinstance(module, UserAdapter) and hasattr(module, "module"):
-        module = module.module
-    if not isinstance(module, UserAdapter):
-        raise TypeError(f"`adapter` must be a `UserAdapter` (possibly wrapped by accelerate), got {type(module)}.")
-    return module

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from math import ceil
 from typing import Any
 
 import numpy as np
@@ -21,15 +20,26 @@ from ._stable_cascade import compile_blocks
 from .adapter import UserAdapter, UserKeyValues
 from .encoder_base import BasePreferenceEncoder
 from .guidance import guidance_branches, guided_prediction
-from .loaders import PPDLoaderMixin, check_adapter_fits_encoder
-from .personalized_unet import PersonalizedStageC
-from .pipeline_inputs import OUTPUT_TYPES, check_call_inputs, check_user_count, check_user_inputs
+from .loaders import PPDLoaderMixin, _is_offloaded, _onload, check_adapter_fits_encoder
+from .pipeline_inputs import (
+    OUTPUT_TYPES,
+    check_call_inputs,
+    check_prompt_embeds,
+    check_user_count,
+    check_user_inputs,
+    resolve_user_scale,
+)
+from .stage_c_image_encoder import stage_c_latent_size
 
 __all__ = ["PersonalizedStableCascadePipeline", "PersonalizedStableCascadePipelineOutput"]
 
 logger = logging.getLogger(__name__)
 
 register_ppd_diffusers_components()
+
+# tensors a Stage C callback may see besides `latents`; the first two in diffusers' [negative, positive] layout
+_CFG_LAYOUT = ("prompt_embeds", "prompt_embeds_pooled")
+_CALLBACK_TENSORS = (*_CFG_LAYOUT, "negative_prompt_embeds", "negative_prompt_embeds_pooled", "image_embeds")
 
 
 @dataclass
@@ -54,7 +64,7 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
     cross-attention feeds it into Stage C (``prior``), whose latents Stage B (``decoder``) and Stage A
     (``vqgan``) turn into an image. Only Stage C is personalized. Each prompt of a batch may have its own
     user, so one pipeline serves many users at once, and the user keys/values are computed once per call.
-    Without a user (or with ``preference_scale=0`` or an untrained adapter) this is plain Stable Cascade,
+    Without a user (or with ``user_scale=0`` or an untrained adapter) this is plain Stable Cascade,
     bit for bit.
 
     Args:
@@ -62,7 +72,8 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         text_encoder: CLIP text encoder (``CLIPTextModelWithProjection``), used by both stages.
         tokenizer: Its tokenizer.
         scheduler: Stage C ``DDPMWuerstchenScheduler``.
-        user_adapter: The trained ``UserAdapter`` (see ``load_user_adapter``); ``None`` for no users.
+        user_adapter: The trained ``UserAdapter`` (see ``load_user_adapter``), attached to the prior here, once
+            (``personalized_model``); ``None`` for no users.
         preference_encoder: Turns preference pairs into user embeddings; without it pass ``user_embeds``.
         image_encoder: Optional CLIP image encoder for image prompts (``images=``).
         feature_extractor: Its image processor.
@@ -78,7 +89,7 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         from ppd_diffusers import PersonalizedStableCascadePipeline
 
         pipe = PersonalizedStableCascadePipeline.from_pretrained(
-            "ppd-diffusers/ppd-stable-cascade", torch_dtype=torch.bfloat16
+            "ppd-diffusers/ppd-stable-cascade", dtype=torch.bfloat16
         ).to("cuda")
         pairs = [("a cat in the snow", "cat_a.png", "cat_b.png"), ...]  # 4 (prompt, preferred, rejected)
         image = pipe("a lighthouse at dusk", preference_pairs=pairs).images[0]
@@ -95,7 +106,8 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         "vqgan",
         "decoder_scheduler",
     ]
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", *_CALLBACK_TENSORS]
+    _user_model_name = "prior"
 
     def __init__(
         self,
@@ -114,8 +126,6 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         latent_dim_scale: float = 10.67,
     ):
         super().__init__()
-        if user_adapter is not None:
-            user_adapter.check_unet(prior)
         check_adapter_fits_encoder(user_adapter, preference_encoder)
         self.register_modules(
             prior=prior,
@@ -131,9 +141,8 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
             decoder_scheduler=decoder_scheduler,
         )
         self.register_to_config(resolution_multiple=resolution_multiple, latent_dim_scale=latent_dim_scale)
-        self._user_adapter_scale = 1.0
-        self._personalized_prior: PersonalizedStageC | None = None
-        self._whole_prior_compile_kwargs: dict[str, Any] | None = None
+        self._user_scale = 1.0
+        self._attach_user_adapter()
 
     def _offload_models(self, *models: torch.nn.Module | None) -> None:
         for hook in getattr(self, "_all_hooks", None) or []:
@@ -145,52 +154,24 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         """Stage C denoising steps of the current call."""
         return self._num_timesteps
 
+    @property
+    def guidance_scale(self) -> float:
+        """Stage C's classifier-free guidance scale in the current call; a step callback may change it
+        (``pipe._guidance_scale``, as diffusers' ``SDCFGCutoffCallback`` does), and the next steps follow."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether Stage C's classifier-free guidance is on (``guidance_scale > 1``)."""
+        return self._guidance_scale > 1
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a step callback to skip the remaining Stage C steps."""
+        return self._interrupt
+
     # ------------------------------------------------------------------------------------------------------
     # users
-
-    def encode_user(self, preference_pairs: Sequence[Any], batch_size: int = 8) -> torch.Tensor:
-        """Encodes one user's preference pairs (or a list of users' pair lists) into user embeddings.
-
-        Keep the result to generate for a user many times (``pipe(prompt, user_embeds=u)``), or mix users:
-        ``torch.lerp(u_1, u_2, a)`` moves smoothly from one user's taste to another's.
-
-        Args:
-            preference_pairs: ``num_pairs`` (prompt, preferred, rejected) pairs, or one such list per user.
-            batch_size: Users encoded per forward pass.
-
-        Returns:
-            A float32 tensor ``(users, tokens, width)``.
-        """
-        if self.preference_encoder is None:
-            raise ValueError(
-                "This pipeline has no `preference_encoder`: load one (e.g. `PreferenceEncoder.from_pretrained(...)`) "
-                "and pass it to the pipeline, or pass precomputed `user_embeds`."
-            )
-        _onload(self.preference_encoder)
-        return self.preference_encoder.encode(preference_pairs, batch_size=batch_size)
-
-    def _user_key_values(
-        self,
-        user_embeds: torch.Tensor,
-        scale: float | list[float],
-        batch_size: int,
-        per_prompt: int,
-        device: torch.device,
-    ) -> UserKeyValues:
-        """The user keys/values of the personalized rows of a Stage C call, once per call, on the prior's device.
-
-        Only the first group of rows (text and user, see ``guidance_branches``) has a user; the text-only and
-        negative rows run the base attention and cost no user term.
-        """
-        scales = torch.tensor(scale if isinstance(scale, list | tuple) else [scale], dtype=torch.float32)
-        scales = scales.expand(batch_size).repeat_interleave(per_prompt)
-        user_embeds = user_embeds.expand(batch_size, -1, -1).repeat_interleave(per_prompt, dim=0)
-        # an offloaded adapter's hook moves it (and its inputs) to the execution device; otherwise it runs where
-        # its weights are, which may differ from the prior's device when components are spread over devices
-        runs_on = device if _is_offloaded(self.user_adapter) else self.user_adapter.device
-        user_kv = self.user_adapter(user_embeds.to(runs_on), scale=scales.to(runs_on))
-        prior_device = device if _is_offloaded(self.prior) else self.prior.device
-        return user_kv.to(device=prior_device, dtype=self.prior.dtype)
 
     def compile_prior(self, regional: bool = True, **compile_kwargs: Any) -> None:
         """Compiles Stage C for faster sampling, with a user and without (``torch.compile``).
@@ -200,13 +181,14 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         - ``regional=True`` (default; diffusers' ``compile_repeated_blocks``): each block of the prior and the
           personalized attention are compiled in place (see ``PersonalizedStageC.compile_repeated_blocks``).
           Repeated blocks share their code, so compiling takes seconds; launches between blocks remain.
-        - ``regional=False``: the whole prior, and the whole personalized prior (``PersonalizedStageC``, kept
-          by the pipeline for the adapter it was built with), become one graph each: minutes to compile per
-          batch size, the fastest steps where a small batch is bound by kernel launches.
+        - ``regional=False``: the whole prior, and the whole personalized prior (``personalized_model``, the
+          ``PersonalizedStageC`` of the loaded adapter, and that of any adapter loaded later), become one graph
+          each: minutes to compile per batch size, the fastest steps where a small batch is bound by kernel
+          launches.
 
         On an H200 (full Stage C, bf16, batch 2 = one image with guidance) the eager step takes ~60 ms, the
         regional one ~46 ms after ~30 s of compiling, the whole-graph one ~27 ms after ~80 s per graph (see
-        ``docs/benchmarks.md``). Later calls with another user, number of users or ``preference_scale`` reuse
+        ``docs/benchmarks.md``). Later calls with another user, number of users or ``user_scale`` reuse
         the compiled code (the pipeline gives every row its own user); another batch size compiles once more.
         Stage B and the encoders are not compiled. Whole graphs cannot trace accelerate's offload hooks: with
         ``enable_model_cpu_offload`` use the regional default.
@@ -233,18 +215,10 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
                 "offloading use `compile_prior()` (regional); whole graphs need the models kept on the accelerator."
             )
         self.prior.compile(**compile_kwargs)
-        self._whole_prior_compile_kwargs = compile_kwargs
-        self._personalized_prior = None  # rebuilt (and compiled) at the next personalized call
-
-    def _personalized(self) -> PersonalizedStageC:
-        """The prior run with the user adapter, kept across calls so that a compiled one stays compiled."""
-        model = self._personalized_prior
-        if model is None or model.unet is not self.prior or model.adapter is not self.user_adapter:
-            model = self.user_adapter.attach(self.prior)
-            if self._whole_prior_compile_kwargs is not None:
-                model.compile(**self._whole_prior_compile_kwargs)
-            self._personalized_prior = model
-        return model
+        # the attached personalized prior is compiled in place, and so is that of an adapter loaded later
+        self._personalized_compile_kwargs = compile_kwargs
+        if self.personalized_model is not None:
+            self.personalized_model.compile(**compile_kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # conditioning
@@ -291,7 +265,7 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         negative_prompt: Any,
         preference_pairs: Any,
         user_embeds: torch.Tensor | None,
-        preference_scale: Any,
+        user_scale: Any,
         user_guidance_scale: float | None,
         height: int,
         width: int,
@@ -304,15 +278,26 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         callback_on_step_end_tensor_inputs: list[str],
         decoder_guidance_scale: float = 0.0,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_pooled: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds_pooled: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> None:
         """Raises ``ValueError`` naming the argument for every input the pipeline cannot use.
 
-        Numbers and tensors must be finite: a NaN or infinite scale, user embedding or latent would give
-        black images without an error.
+        Numbers and tensors must be finite: a NaN or infinite scale, embedding or latent would give black images
+        without an error.
         """
         batch_size = check_call_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, decoder_num_inference_steps,
-            num_images_per_prompt, guidance_scale, decoder_guidance_scale, user_guidance_scale, latents,
+            num_images_per_prompt, guidance_scale, decoder_guidance_scale, user_guidance_scale, latents, prompt_embeds,
+        )  # fmt: skip
+        prior = self.prior.config
+        check_prompt_embeds(
+            batch_size, negative_prompt, prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds,
+            negative_prompt_embeds_pooled, images, image_embeds, prior.clip_text_in_channels,
+            prior.clip_text_pooled_in_channels, prior.clip_image_in_channels,
         )  # fmt: skip
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -329,7 +314,7 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         if images is not None and (self.image_encoder is None or self.feature_extractor is None):
             raise ValueError("`images` needs the pipeline's `image_encoder` and `feature_extractor`.")
         check_user_inputs(
-            preference_pairs, user_embeds, preference_scale, user_guidance_scale, batch_size, self.user_adapter,
+            preference_pairs, user_embeds, user_scale, user_guidance_scale, batch_size, self.user_adapter,
             self.preference_encoder,
         )  # fmt: skip
 
@@ -338,10 +323,10 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         preference_pairs: Sequence[Any] | None = None,
         user_embeds: torch.Tensor | None = None,
-        preference_scale: float | list[float] | None = None,
+        user_scale: float | list[float] | None = None,
         height: int = 1024,
         width: int = 1024,
         num_inference_steps: int = 20,
@@ -358,17 +343,23 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_pooled: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds_pooled: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        preference_scale: float | list[float] | None = None,
     ) -> PersonalizedStableCascadePipelineOutput | tuple:
         r"""Generates images for each prompt, in the taste of the user given with it.
 
         Args:
-            prompt: The prompt, or a list of prompts.
+            prompt: The prompt, or a list of prompts (or pass ``prompt_embeds``).
             preference_pairs: One user's ``(prompt, preferred, rejected)`` pairs (as many as the encoder takes,
                 4 for PPD) for every prompt, or one list of pairs per prompt. Images may be PIL images, paths,
                 arrays or tensors (see ``PreferencePair``).
             user_embeds: Precomputed user embeddings (``encode_user``), ``(1 or len(prompt), tokens, width)``;
                 instead of ``preference_pairs``.
-            preference_scale: Weight of the user term, one number or one per prompt; by default the value of
+            user_scale: Weight of the user term, one number or one per prompt; by default the value of
                 ``set_user_adapter_scale`` (1.0). ``0`` gives plain Stable Cascade for that prompt.
             height: Image height in pixels.
             width: Image width in pixels.
@@ -386,76 +377,114 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
             decoder_num_inference_steps: Stage B denoising steps.
             decoder_guidance_scale: Classifier-free guidance of Stage B (off at ``<= 1``, Stability's default).
             generator: Random generator(s); one per image makes each image independent of the batch.
-            latents: Initial Stage C noise ``(len(prompt) * num_images_per_prompt, C, h, w)``.
+            latents: Initial Stage C noise ``(prompts * num_images_per_prompt, C, h, w)``.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (Stage C latents, no decoder needed).
             return_dict: Return a ``PersonalizedStableCascadePipelineOutput`` rather than a tuple.
-            callback_on_step_end: Called after every Stage C step as ``callback(pipe, step, t, tensors)``; it may
-                return replacement ``latents``.
-            callback_on_step_end_tensor_inputs: Tensors passed to the callback (``["latents"]``).
+            callback_on_step_end: Called after every Stage C step as ``callback(pipe, step, t, tensors)``, a
+                function or a diffusers ``PipelineCallback`` (e.g. ``SDCFGCutoffCallback``); it may return
+                replacements of the tensors (see ``callback_on_step_end_tensor_inputs``), set
+                ``pipe._guidance_scale`` (guidance follows it from the next step on) or ``pipe._interrupt = True``
+                (the remaining Stage C steps are skipped; Stage B decodes the latents as they are).
+            callback_on_step_end_tensor_inputs: Tensors passed to the callback, from ``_callback_tensor_inputs``
+                (default ``["latents"]``). As in diffusers' pipelines, ``prompt_embeds`` and
+                ``prompt_embeds_pooled`` are ``[negative, positive]`` (``2 * rows``) while classifier-free
+                guidance is on and the positive rows after; ``negative_prompt_embeds(_pooled)`` and
+                ``image_embeds`` have one row per image. A returned ``prompt_embeds`` of ``2 * rows`` rows
+                replaces both halves, of ``rows`` rows the positive ones; a returned slice of the last rows of the
+                one passed (what the stock guidance-cutoff callbacks keep) leaves the positive ones as they are.
+                Changes reach Stage C only: Stage B uses the call's own pooled embeddings.
+            prompt_embeds: Precomputed CLIP hidden states ``(prompts, tokens, C)`` instead of ``prompt``, as
+                diffusers' ``StableCascadePriorPipeline`` takes them; with ``prompt_embeds_pooled``.
+            prompt_embeds_pooled: Pooled CLIP text embeddings ``(prompts, 1, C)``.
+            negative_prompt_embeds: As ``prompt_embeds`` for the negative prompt, instead of ``negative_prompt``;
+                with ``negative_prompt_embeds_pooled``.
+            negative_prompt_embeds_pooled: As ``prompt_embeds_pooled`` for the negative prompt.
+            image_embeds: Precomputed CLIP image embeddings ``(1 or prompts, images, C)`` instead of ``images``.
+            preference_scale: Deprecated name of ``user_scale`` (``FutureWarning``; not both).
 
         Returns:
             ``PersonalizedStableCascadePipelineOutput``, or ``(images, user_embeds)`` when ``return_dict=False``.
         """
+        user_scale = resolve_user_scale(user_scale, preference_scale)
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         self.check_inputs(
-            prompt, negative_prompt, preference_pairs, user_embeds, preference_scale, user_guidance_scale, height,
+            prompt, negative_prompt, preference_pairs, user_embeds, user_scale, user_guidance_scale, height,
             width, num_inference_steps, decoder_num_inference_steps, num_images_per_prompt, guidance_scale, images,
-            output_type, callback_on_step_end_tensor_inputs, decoder_guidance_scale, latents,
+            output_type, callback_on_step_end_tensor_inputs, decoder_guidance_scale, latents, prompt_embeds,
+            prompt_embeds_pooled, negative_prompt_embeds, negative_prompt_embeds_pooled, image_embeds,
         )  # fmt: skip
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch_size, rows = len(prompts), len(prompts) * num_images_per_prompt
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        rows = batch_size * num_images_per_prompt
         device = self._execution_device
 
         if preference_pairs is not None:
             user_embeds = self.encode_user(preference_pairs)
             check_user_count("preference_pairs", user_embeds.shape[0], batch_size)
-        has_user = user_embeds is not None
-        personalized, text_only, uncond = guidance_branches(has_user, guidance_scale, user_guidance_scale)
-        negatives_needed = uncond or decoder_guidance_scale > 1
-
-        hidden, pooled = self.encode_prompt(prompts, device, num_images_per_prompt)
-        negatives = None
-        if negatives_needed:
+        if prompts is not None:
+            prompt_embeds, prompt_embeds_pooled = self.encode_prompt(prompts, device, num_images_per_prompt)
+        else:
+            prompt_embeds, prompt_embeds_pooled = self._per_image(
+                num_images_per_prompt, device, prompt_embeds, prompt_embeds_pooled
+            )
+        if negative_prompt_embeds is not None:
+            negatives = self._per_image(
+                num_images_per_prompt, device, negative_prompt_embeds, negative_prompt_embeds_pooled
+            )
+        elif self.do_classifier_free_guidance or decoder_guidance_scale > 1:
             negative = "" if negative_prompt is None else negative_prompt
             negative = [negative] * batch_size if isinstance(negative, str) else negative
             negatives = self.encode_prompt(negative, device, num_images_per_prompt)
-        if images is not None:
-            clip_img = self.encode_image(images, device, rows)
         else:
-            clip_img = hidden.new_zeros(rows, 1, self.prior.config.clip_image_in_channels)
+            negatives = (None, None)
+        if self.do_classifier_free_guidance and negatives[0].shape != prompt_embeds.shape:
+            raise ValueError(
+                f"Guidance puts the prompt's and the negative prompt's embeddings in one batch, but they have shapes "
+                f"{tuple(prompt_embeds.shape)} and {tuple(negatives[0].shape)}: pass `prompt_embeds` and "
+                "`negative_prompt_embeds` of the same length (77 tokens for text encoded here)."
+            )
+        if images is not None:
+            image_embeds = self.encode_image(images, device, rows)
+        elif image_embeds is not None:
+            image_embeds = self._per_image(num_images_per_prompt, device, image_embeds.expand(batch_size, -1, -1))[0]
+        else:
+            image_embeds = prompt_embeds.new_zeros(rows, 1, self.prior.config.clip_image_in_channels)
+        conditioning = _PriorConditioning(prompt_embeds, prompt_embeds_pooled, image_embeds, *negatives)
         # with model offload, each hook only unloads the model just before it in `model_cpu_offload_seq`:
         # unload the encoders now, whichever of them ran, so that Stage C and B have the accelerator alone
         self._offload_models(self.preference_encoder, self.text_encoder, self.image_encoder)
-
-        # rows of one Stage C call: [text+user | text | negative], as many groups as the guidance needs
-        groups = [(hidden, pooled, clip_img)] * (personalized + text_only)
-        if uncond:
-            groups.append((*negatives, torch.zeros_like(clip_img)))
-        conditioning = [torch.cat(parts) for parts in zip(*groups, strict=True)]
         user_kv = None
-        if has_user:
-            scale = self.user_adapter_scale if preference_scale is None else preference_scale
-            user_kv = self._user_key_values(user_embeds, scale, batch_size, num_images_per_prompt, device)
+        if user_embeds is not None:
+            # only the first group of rows (text and user) has a user: the others cost no user attention
+            user_kv = self.prepare_user_kv(
+                user_embeds, user_scale, batch_size, num_images_per_prompt, device, self.prior.dtype, rows=rows
+            )
 
         latents = self._denoise_prior(
-            latents, rows, height, width, conditioning, user_kv, len(groups), guidance_scale, user_guidance_scale,
-            (personalized, text_only, uncond), num_inference_steps, generator, device, callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            latents, rows, height, width, conditioning, user_kv, user_guidance_scale, num_inference_steps,
+            generator, device, callback_on_step_end, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
         if output_type == "latent":
             output = latents
         else:
             decoder_negative = negatives[1] if decoder_guidance_scale > 1 else None
             output = self._decode(
-                latents, pooled, decoder_negative, decoder_num_inference_steps, decoder_guidance_scale, generator,
-                device, output_type,
+                latents, prompt_embeds_pooled, decoder_negative, decoder_num_inference_steps, decoder_guidance_scale,
+                generator, device, output_type,
             )  # fmt: skip
         self.maybe_free_model_hooks()
         if not return_dict:
             return (output, user_embeds)
         return PersonalizedStableCascadePipelineOutput(images=output, user_embeds=user_embeds)
+
+    def _per_image(self, num_images_per_prompt: int, device: torch.device, *embeds: torch.Tensor) -> tuple:
+        """Per-prompt embeddings given to the call, one row per image, on ``device`` in the prior's dtype."""
+        dtype = self.prior.dtype
+        return tuple(e.to(device, dtype).repeat_interleave(num_images_per_prompt, dim=0) for e in embeds)
 
     def _denoise_prior(
         self,
@@ -463,12 +492,9 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         rows: int,
         height: int,
         width: int,
-        conditioning: list[torch.Tensor],
-        user_kv: Any,
-        groups: int,
-        guidance_scale: float,
+        conditioning: _PriorConditioning,
+        user_kv: UserKeyValues | None,
         user_guidance_scale: float | None,
-        branches: tuple[bool, bool, bool],
         num_inference_steps: int,
         generator: Any,
         device: torch.device,
@@ -476,39 +502,47 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         callback_tensor_inputs: list[str],
     ) -> torch.Tensor:
         dtype = self.prior.dtype
-        shape = (
-            rows,
-            self.prior.config.in_channels,
-            ceil(height / self.config.resolution_multiple),
-            ceil(width / self.config.resolution_multiple),
-        )
+        latent_size = stage_c_latent_size(height, width, self.config.resolution_multiple)
+        shape = (rows, self.prior.config.in_channels, *latent_size)
         latents = _initial_noise(latents, shape, "latents", generator, device, dtype, self.scheduler)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps[:-1]
         self._num_timesteps = len(timesteps)
-        hidden, pooled, clip_img = conditioning
         if user_kv is not None:
-            model = self._personalized()
+            model = self.personalized_model
             _onload(self.prior)  # the personalized forward runs the prior's blocks, not its hooked `forward`
+        batch, built_for = None, None
         for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                continue
+            # guidance follows `_guidance_scale` at every step, so that a callback can switch it off
+            branches = guidance_branches(user_kv is not None, self._guidance_scale, user_guidance_scale)
+            if batch is None or branches != built_for:
+                batch, built_for = conditioning.batch(branches), branches
+            groups = sum(branches)
             ratio = t.expand(rows).to(dtype)
             inputs = dict(
                 sample=torch.cat([latents] * groups),
                 timestep_ratio=torch.cat([ratio] * groups),
-                clip_text_pooled=pooled,
-                clip_text=hidden,
-                clip_img=clip_img,
+                clip_text=batch[0],
+                clip_text_pooled=batch[1],
+                clip_img=batch[2],
                 return_dict=False,
             )
-            # only the first group of rows has a user: the others cost no user attention
-            noise = self.prior(**inputs)[0] if user_kv is None else model(**inputs, user_kv=user_kv, user_rows=rows)[0]
+            noise = self.prior(**inputs)[0] if user_kv is None else model(**inputs, user_kv=user_kv)[0]
             predictions = iter(noise.chunk(groups))
             personalized, text, uncond = (next(predictions) if needed else None for needed in branches)
-            noise = guided_prediction(personalized, text, uncond, guidance_scale, user_guidance_scale)
+            noise = guided_prediction(personalized, text, uncond, self._guidance_scale, user_guidance_scale)
             latents = self.scheduler.step(noise, timestep=ratio, sample=latents, generator=generator).prev_sample
             if callback_on_step_end is not None:
-                tensors = {"latents": latents} if "latents" in callback_tensor_inputs else {}
-                latents = callback_on_step_end(self, i, t, tensors).pop("latents", latents)
+                cfg = self.do_classifier_free_guidance
+                tensors = conditioning.callback_tensors(callback_tensor_inputs, cfg)
+                if "latents" in callback_tensor_inputs:
+                    tensors["latents"] = latents
+                outputs = callback_on_step_end(self, i, t, dict(tensors))
+                latents = outputs.pop("latents", latents)
+                if conditioning.update(outputs, tensors, cfg, rows):
+                    batch = None
         return latents
 
     def _decode(
@@ -554,6 +588,81 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         return self.numpy_to_pil(images) if output_type == "pil" else images
 
 
+@dataclass
+class _PriorConditioning:
+    """Stage C's text and image conditioning of one call (one row per image), and how callbacks see and change it."""
+
+    prompt_embeds: torch.Tensor
+    prompt_embeds_pooled: torch.Tensor
+    image_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    negative_prompt_embeds_pooled: torch.Tensor | None
+
+    def batch(self, branches: tuple[bool, bool, bool]) -> list[torch.Tensor]:
+        """``[clip_text, clip_text_pooled, clip_img]`` of the rows ``[text+user | text | negative]`` that the
+        guidance ``branches`` need (see ``guidance_branches``)."""
+        personalized, text_only, uncond = branches
+        groups = [(self.prompt_embeds, self.prompt_embeds_pooled, self.image_embeds)] * (personalized + text_only)
+        if uncond:
+            if self.negative_prompt_embeds is None:
+                raise ValueError(
+                    "A callback switched classifier-free guidance on (`_guidance_scale > 1`) in a call that began "
+                    "without it, so there are no negative embeddings: call with `guidance_scale > 1` instead."
+                )
+            zeros = torch.zeros_like(self.image_embeds)
+            groups.append((self.negative_prompt_embeds, self.negative_prompt_embeds_pooled, zeros))
+        return [torch.cat(parts) for parts in zip(*groups, strict=True)]
+
+    def callback_tensors(self, names: list[str], cfg: bool) -> dict[str, torch.Tensor | None]:
+        """The tensors ``names`` as diffusers' callbacks expect them: ``prompt_embeds(_pooled)`` as
+        ``[negative, positive]`` while classifier-free guidance is on (``cfg``), the positive rows otherwise."""
+        tensors = {}
+        for name in names:
+            if name in _CFG_LAYOUT:
+                positive, negative = getattr(self, name), getattr(self, f"negative_{name}")
+                tensors[name] = torch.cat([negative, positive]) if cfg and negative is not None else positive
+            elif name != "latents":
+                tensors[name] = getattr(self, name)
+        return tensors
+
+    def update(self, outputs: dict[str, Any], given: dict[str, Any], cfg: bool, rows: int) -> bool:
+        """Takes the tensors a callback returned (``outputs``, without ``latents``) back into the per-group layout;
+        ``given`` is what it was passed. Returns whether anything changed."""
+        unknown = sorted(set(outputs) - set(_CALLBACK_TENSORS))
+        if unknown:
+            raise ValueError(f"The callback returned {unknown}; it may return {['latents', *_CALLBACK_TENSORS]}.")
+        changed = False
+        for name, value in outputs.items():
+            if value is given.get(name):
+                continue
+            if name in _CFG_LAYOUT and value is not None and value.shape[0] != rows:
+                passed = given.get(name)
+                count = value.shape[0]
+                if cfg and count == 2 * rows:
+                    negative, value = value.chunk(2)
+                    self._replace(f"negative_{name}", negative, rows)
+                elif passed is not None and 0 < count < rows and torch.equal(value, passed[-count:]):
+                    # the stock guidance-cutoff callbacks keep the last row(s), i.e. (some of) the positive rows:
+                    # they mean "the conditional embeddings", which stay as they are
+                    continue
+            self._replace(name, value, rows)
+            changed = True
+        return changed
+
+    def _replace(self, name: str, value: Any, rows: int) -> None:
+        current = getattr(self, name)
+        if current is None or not isinstance(value, torch.Tensor) or value.shape != current.shape:
+            shape = "no tensor" if current is None else f"shape {tuple(current.shape)}"
+            if name in _CFG_LAYOUT and current is not None:
+                shape += f" (or {2 * rows} rows, [negative, positive], while guidance is on)"
+            raise ValueError(f"The callback's `{name}` must have {shape}, got {_shape_of(value)}.")
+        setattr(self, name, value.to(current.device, current.dtype))
+
+
+def _shape_of(value: Any) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+
+
 def _initial_noise(
     latents: torch.Tensor | None,
     shape: tuple[int, ...],
@@ -570,19 +679,6 @@ def _initial_noise(
     elif tuple(latents.shape) != shape:
         raise ValueError(f"`{name}` must have shape {shape}, got {tuple(latents.shape)}.")
     return latents.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
-
-
-def _is_offloaded(module: torch.nn.Module) -> bool:
-    """Whether accelerate hooks (model or sequential CPU offload) decide where ``module`` runs."""
-    return getattr(module, "_hf_hook", None) is not None or module.device.type == "meta"
-
-
-def _onload(module: torch.nn.Module) -> None:
-    """Runs a model-offload hook that only fires on ``forward`` (what diffusers' ``apply_forward_hook`` does
-    for methods like ``vqgan.decode``), for modules used through other entry points."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is not None and hasattr(hook, "pre_forward"):
-        hook.pre_forward(module)
 
 
 def _loadable_vqgan(vqgan: Any) -> Any:

@@ -69,24 +69,37 @@ def _positive_int(value: Any, name: str) -> int:
 def stage_c_latent_size(
     height: int = 1024, width: int = 1024, resolution_multiple: float = STAGE_C_RESOLUTION_MULTIPLE
 ) -> tuple[int, int]:
-    """The Stage C latent grid for an image of ``height x width`` pixels: ``ceil(size / 42.67)``.
+    """The Stage C latent grid for an image of ``height x width`` pixels: ``ceil(size / resolution_multiple)``.
 
-    The same rounding as the Stable Cascade pipelines use to size the latents they generate, so latents
-    encoded for ``height x width`` match those the prior produces for that image size.
+    The one place of this rounding: ``PersonalizedStableCascadePipeline`` sizes the latents it generates with it
+    (with its ``resolution_multiple``, as diffusers' Stable Cascade pipelines do), so latents encoded for
+    ``height x width`` match those the prior produces for that image size.
 
     Args:
         height: Image height in pixels.
         width: Image width in pixels.
-        resolution_multiple: Image pixels per latent pixel.
+        resolution_multiple: Image pixels per latent pixel (Stable Cascade: 42.67).
 
     Returns:
         ``(latent_height, latent_width)``, e.g. ``(24, 24)`` for 1024 x 1024.
 
+    Raises:
+        ValueError: A size is not a positive integer, or ``resolution_multiple`` not a positive finite number.
+
     Examples:
         >>> stage_c_latent_size(1024, 1024), stage_c_latent_size(1024, 1536)
         ((24, 24), (24, 36))
+        >>> stage_c_latent_size(32, 40, resolution_multiple=8.0)
+        (4, 5)
     """
     height, width = _positive_int(height, "height"), _positive_int(width, "width")
+    if (
+        isinstance(resolution_multiple, bool)
+        or not isinstance(resolution_multiple, int | float | np.integer | np.floating)
+        or not math.isfinite(resolution_multiple)
+        or resolution_multiple <= 0
+    ):
+        raise ValueError(f"`resolution_multiple` must be a positive finite number, got {resolution_multiple!r}.")
     return math.ceil(height / resolution_multiple), math.ceil(width / resolution_multiple)
 
 

@@ -17,8 +17,17 @@ __all__ = [
     "AESTHETIC_HEAD_SIZES",
     "CLIP_VIT_H_14",
     "CLIP_VIT_L_14",
+    "FLUX_TRANSFORMER",
+    "save_tiny_flux",
+    "t5_text_tokenizer",
+    "tiny_flux_components",
     "LLAVA_ONEVISION_0_5B",
     "PAELLA_VQ",
+    "SDXL_UNET",
+    "SDXL_SCHEDULER",
+    "SDXL_VAE",
+    "save_tiny_sdxl",
+    "tiny_sdxl_components",
     "STAGE_B_DECODER",
     "STAGE_C_PRIOR",
     "STAGE_C_PRIOR_LITE",
@@ -35,6 +44,10 @@ __all__ = [
     "save_tiny_hps",
     "save_tiny_stable_cascade",
     "tiny_clip",
+    "tiny_flux_transformer",
+    "tiny_flux_transformer_config",
+    "tiny_sdxl_unet",
+    "tiny_sdxl_unet_config",
     "tiny_stage_b_config",
     "tiny_stage_c_config",
 ]
@@ -494,3 +507,260 @@ def save_tiny_hps(
     torch.manual_seed(seed)
     model = open_clip.create_model(model_name, pretrained=None)
     torch.save({"state_dict": model.to(dtype).state_dict()}, os.path.join(path, filename))
+
+
+# ---------------------------------------------------------------------------------------------------- SDXL
+
+# `UNet2DConditionModel` of stabilityai/stable-diffusion-xl-base-1.0, subfolder "unet": 70 cross-attention layers, 2.6B
+SDXL_UNET: dict[str, Any] = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+
+
+def tiny_sdxl_unet_config(**overrides: Any) -> dict[str, Any]:
+    """An SDXL-shaped ``UNet2DConditionModel`` config small enough for CPU tests: 2 levels, 3 cross-attention
+    layers, text width 32, pooled text width 32 and 6 time ids of width 4 (``text_time`` conditioning)."""
+    tiny = dict(
+        sample_size=16,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        cross_attention_dim=32,
+        transformer_layers_per_block=(1, 1),
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=32 + 6 * 4,
+        norm_num_groups=8,
+    )
+    return {**SDXL_UNET, **tiny, **overrides}
+
+
+def tiny_sdxl_unet(seed: int = 0, **overrides: Any) -> Any:
+    """A random ``UNet2DConditionModel`` from ``tiny_sdxl_unet_config`` (in eval mode)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**tiny_sdxl_unet_config(**overrides)).eval()
+
+
+# `AutoencoderKL` (subfolder "vae") and `EulerDiscreteScheduler` (subfolder "scheduler") of
+# stabilityai/stable-diffusion-xl-base-1.0; `tiny_sdxl_components` shrinks the VAE and keeps the scheduler
+SDXL_VAE: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=True,
+)
+SDXL_SCHEDULER: dict[str, Any] = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+)
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
+    """The components of a random tiny SDXL pipeline (``StableDiffusionXLPipeline(**components)``).
+
+    Two CLIP text towers of width 16 (``text_encoder``: ``CLIPTextModel``; ``text_encoder_2``:
+    ``CLIPTextModelWithProjection`` with 32-wide pooled embeddings) whose penultimate hidden states, side by
+    side, are ``tiny_sdxl_unet``'s 32-wide text; byte-level ``clip_text_tokenizer``s of 16 tokens; a two-level
+    ``AutoencoderKL`` with 4 latent channels (2x downsampling: the default 32 px image is a 16x16 latent);
+    SDXL's ``EulerDiscreteScheduler`` settings. ``image_encoder`` and ``feature_extractor`` are ``None``.
+
+    Args:
+        seed: Seed of the random weights.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_text_tokenizer(model_max_length=16)
+    torch.manual_seed(seed)
+    unet = tiny_sdxl_unet(seed)
+    vae = AutoencoderKL(
+        **dict(
+            SDXL_VAE,
+            down_block_types=SDXL_VAE["down_block_types"][:2],
+            up_block_types=SDXL_VAE["up_block_types"][:2],
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=32,
+        )
+    ).eval()
+    text_encoder_2 = clip_text_encoder(tokenizer, hidden_size=16, projection_dim=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_2.config.to_dict())).eval()
+    return dict(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=clip_text_tokenizer(model_max_length=16),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+def save_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> None:
+    """A random tiny SDXL repo laid out like ``stabilityai/stable-diffusion-xl-base-1.0`` (``model_index.json``,
+    ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2``, ``scheduler``):
+    ``StableDiffusionXLPipeline.from_pretrained(path)`` and the personalized pipeline both load it.
+
+    Args:
+        path: The folder.
+        seed: Seed of the random weights (see ``tiny_sdxl_components``).
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline(**tiny_sdxl_components(seed), add_watermarker=False).save_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------- Flux
+
+# `FluxTransformer2DModel` of black-forest-labs/FLUX.1-dev, subfolder "transformer": 19 double-stream blocks, 12B
+FLUX_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
+def tiny_flux_transformer_config(**overrides: Any) -> dict[str, Any]:
+    """A Flux-shaped ``FluxTransformer2DModel`` config for CPU tests: 2 double-stream and 1 single-stream block,
+    2 heads of width 8, 16 packed latent channels (4 VAE channels x 2 x 2), text width 32, pooled width 32."""
+    return (
+        dict(
+            FLUX_TRANSFORMER,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=(2, 2, 4),
+        )
+        | overrides
+    )
+
+
+def tiny_flux_transformer(seed: int = 0, **overrides: Any) -> Any:
+    """A random ``FluxTransformer2DModel`` from ``tiny_flux_transformer_config`` (in eval mode)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**tiny_flux_transformer_config(**overrides)).eval()
+
+
+def t5_text_tokenizer(model_max_length: int = 512) -> Any:
+    """A ``T5TokenizerFast`` over single characters, built offline from a ``tokenizers`` Unigram vocabulary.
+
+    T5's own layout: ``<pad>`` 0, ``</s>`` 1 (appended to every text), ``<unk>`` 2, then the word-start marker
+    ``▁`` and each printable ASCII character with and without it, so any ASCII prompt tokenizes without
+    unknowns. No sentinel ``<extra_id_*>`` tokens (nothing here masks spans). It saves and loads like a Hub one.
+    """
+    from transformers import T5TokenizerFast
+
+    alphabet = [chr(code) for code in range(33, 127)]
+    pieces = ["▁", *alphabet, *(f"▁{char}" for char in alphabet)]
+    # equal scores: Unigram then prefers the fewest pieces, i.e. "▁x" at a word start
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((piece, -1.0) for piece in pieces)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_flux_components(seed: int = 0) -> dict[str, Any]:
+    """The components of a tiny random ``FluxPipeline`` (``FluxPipeline(**tiny_flux_components())``).
+
+    ``tiny_flux_transformer`` (16 packed channels = 4 VAE channels x 2 x 2, text width 32, pooled width 32); a
+    ``CLIPTextModel`` of width 32 whose pooled output is the transformer's ``pooled_projections``, with
+    ``clip_text_tokenizer``; a ``T5EncoderModel`` of width 32 with ``t5_text_tokenizer``; an ``AutoencoderKL``
+    with 4 latent channels and 2 levels (``vae_scale_factor`` 2, so a 16 px image is an 8x8 latent and 4x4 packed
+    tokens), no quant convs and Flux's scaling and shift factors; Flux's ``FlowMatchEulerDiscreteScheduler``.
+    Each model is seeded on its own, so the transformer equals ``tiny_flux_transformer(seed)``.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = clip_text_tokenizer()
+    tokenizer_2 = t5_text_tokenizer()
+    transformer = tiny_flux_transformer(seed)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, hidden_size=32,
+            intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
+        )
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+        sample_size=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    return dict(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, transformer=transformer,
+    )  # fmt: skip
+
+
+def save_tiny_flux(path: str | os.PathLike, seed: int = 0) -> None:
+    """A random tiny ``FluxPipeline`` folder laid out like ``black-forest-labs/FLUX.1-dev``.
+
+    ``FluxPipeline.from_pretrained(path)`` and ``PersonalizedFluxPipeline.from_pretrained(path)`` both load it.
+    Generate at 16 px (4x4 packed latent tokens) with a small ``max_sequence_length`` (e.g. 8) to stay fast.
+
+    Args:
+        path: The folder (``model_index.json`` and one subfolder per component).
+        seed: Seed of the random weights (see ``tiny_flux_components``).
+    """
+    from diffusers import FluxPipeline
+
+    FluxPipeline(**tiny_flux_components(seed)).save_pretrained(path)

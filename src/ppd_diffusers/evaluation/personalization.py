@@ -1,7 +1,7 @@
 """The paper's win-rate protocol: base against personalized images of held-out users, from the same seeds.
 
 For every held-out user the embedding comes from their profile pairs; for each of their held-out prompts the
-pipeline draws the base image (preference scale 0, the plain base model) and the personalized image from the
+pipeline draws the base image (user scale 0, the plain base model) and the personalized image from the
 same noise, and every reward scorer and personalized judge compares the two. Results are appended per (user,
 prompt) as they come (``RecordStore``), so a killed run continues where it stopped; under ``accelerate launch``
 each process takes every n-th user with work left and the main process writes the report.
@@ -157,7 +157,7 @@ def _evaluate_chunk(pipe, user, context, embedding, indices, scorers, judges, se
     output = pipe(
         [p for p in prompts for _ in range(2)],
         user_embeds=embedding.expand(2 * len(prompts), *embedding.shape[1:]),
-        preference_scale=[0.0, 1.0] * len(prompts),
+        user_scale=[0.0, 1.0] * len(prompts),
         generator=[torch.Generator().manual_seed(s) for s in seeds for _ in range(2)],
         **generation_kwargs,
     )

@@ -5,6 +5,7 @@ from .dpo_step import ppd_dpo_step
 from .held_out import HeldOutSplit, load_held_out_split, make_held_out_split
 from .latents import add_stage_c_latents, count_unreadable_rows
 from .model_card import adapter_model_card
+from .objectives import DPOObjective, FluxObjective, SDXLObjective, StageCObjective, objective_for
 from .pairs_dataset import PairStats, PreferencePairsDataset, collate_preference_pairs
 from .pickapic import (
     DrawStats,
@@ -25,11 +26,15 @@ from .user_embeddings import (
 from .validation import validation_grid
 
 __all__ = [
+    "DPOObjective",
     "DrawStats",
+    "FluxObjective",
     "HeldOutSplit",
     "LeakageIndex",
     "PPDTrainingArguments",
     "PairStats",
+    "SDXLObjective",
+    "StageCObjective",
     "PreferencePairsDataset",
     "TrainingResult",
     "UserDraw",
@@ -44,6 +49,7 @@ __all__ = [
     "load_user_embeddings",
     "make_held_out_split",
     "merge_user_embedding_shards",
+    "objective_for",
     "pair_from_row",
     "ppd_dpo_step",
     "sample_user_draws",

@@ -14,10 +14,39 @@ from .pairs_dataset import PairStats
 __all__ = ["adapter_model_card"]
 
 HYPERPARAMETERS = (
-    "learning_rate", "lr_scheduler", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps",
+    "backbone", "learning_rate", "lr_scheduler", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps",
     "beta_dpo", "timestep_weighting", "user_dropout", "prompt_dropout", "max_grad_norm", "adam_weight_decay",
     "mixed_precision", "gradient_checkpointing", "resolution", "seed",
 )  # fmt: skip
+FLUX_HYPERPARAMETERS = ("weighting_scheme", "flux_guidance_scale")
+
+# per backbone: its name, Hub tag, what the adapter personalizes, the objective, the pipeline class
+_BACKBONES = {
+    "stable_cascade": dict(
+        name="Stable Cascade",
+        tag="stable-cascade",
+        layers="decoupled user cross-attention for Stage C",
+        objective="the user-conditioned Diffusion-DPO loss of PPD",
+        pipeline="PersonalizedStableCascadePipeline",
+    ),
+    "sdxl": dict(
+        name="SDXL",
+        tag="stable-diffusion-xl",
+        layers="decoupled user cross-attention beside every cross-attention layer of the UNet",
+        objective="the user-conditioned Diffusion-DPO loss of PPD",
+        pipeline="PersonalizedStableDiffusionXLPipeline",
+    ),
+    "flux": dict(
+        name="Flux",
+        tag="flux",
+        layers="user attention for the image stream of every double-stream block of the transformer",
+        objective=(
+            "the user-conditioned DPO loss of PPD on the flow-matching velocity (Flow-DPO, "
+            "[arXiv 2501.13918](https://arxiv.org/abs/2501.13918))"
+        ),
+        pipeline="PersonalizedFluxPipeline",
+    ),
+}
 
 
 def adapter_model_card(
@@ -59,14 +88,16 @@ def adapter_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     base = args.pretrained_model_name_or_path
+    backbone = _BACKBONES[args.backbone]
     data = ModelCardData(
         library_name="ppd-diffusers",
         base_model=base if not os.path.isdir(base) else None,
         datasets=[args.dataset_name] if not os.path.exists(args.dataset_name) else None,
-        tags=["ppd", "stable-cascade", "diffusion-dpo", "personalization", "text-to-image"],
+        tags=["ppd", backbone["tag"], "diffusion-dpo", "personalization", "text-to-image"],
         license="other",
     )
-    rows = [(name, getattr(args, name)) for name in HYPERPARAMETERS]
+    names = HYPERPARAMETERS + (FLUX_HYPERPARAMETERS if args.backbone == "flux" else ())
+    rows = [(name, getattr(args, name)) for name in names]
     rows += [(name, adapter_config[name]) for name in ("user_embed_dim", "num_user_tokens", "user_token_dim")]
     hyperparameters = "\n".join(f"| `{name}` | {value} |" for name, value in rows)
     metric_rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items())
@@ -79,20 +110,17 @@ def adapter_model_card(
 {data.to_yaml()}
 ---
 
-# PPD user adapter for Stable Cascade
+# PPD user adapter for {backbone["name"]}
 
-A `UserAdapter` (decoupled user cross-attention for Stage C, `{args.prior_subfolder}` of `{base}`) trained with
-the user-conditioned Diffusion-DPO loss of PPD ([arXiv 2501.06655](https://arxiv.org/abs/2501.06655)) by
+A `UserAdapter` ({backbone["layers"]}, {_base_model_text(args)}) trained with
+{backbone["objective"]} ([arXiv 2501.06655](https://arxiv.org/abs/2501.06655)) by
 [ppd-diffusers](https://github.com/ppd-diffusers/ppd-diffusers).
 
 ```py
 import torch
-from ppd_diffusers import PersonalizedStableCascadePipeline
+from ppd_diffusers import {backbone["pipeline"]}
 
-pipe = PersonalizedStableCascadePipeline.from_stable_cascade(
-    "{repo_id}", "<the preference encoder below>",
-    prior_model_name_or_path="{base}", prior_subfolder="{args.prior_subfolder}", torch_dtype=torch.bfloat16,
-).to("cuda")
+{_usage(args, repo_id, backbone["pipeline"])}
 image = pipe("a lighthouse at dusk", preference_pairs=pairs).images[0]  # 4 (prompt, preferred, rejected)
 ```
 
@@ -122,6 +150,25 @@ preference encoder
 {metric_rows}
 """
     return ModelCard(content)
+
+
+def _base_model_text(args: PPDTrainingArguments) -> str:
+    base = args.pretrained_model_name_or_path
+    if args.backbone == "stable_cascade":
+        return f"`{args.prior_subfolder}` of `{base}`"
+    return f"base model `{base}`"
+
+
+def _usage(args: PPDTrainingArguments, repo_id: str, pipeline: str) -> str:
+    base = args.pretrained_model_name_or_path
+    if args.backbone == "stable_cascade":
+        return f"""pipe = {pipeline}.from_stable_cascade(
+    "{repo_id}", "<the preference encoder below>",
+    prior_model_name_or_path="{base}", prior_subfolder="{args.prior_subfolder}", torch_dtype=torch.bfloat16,
+).to("cuda")"""
+    return f"""pipe = {pipeline}.from_base_model(
+    "{base}", "{repo_id}", "<the preference encoder below>", torch_dtype=torch.bfloat16
+).to("cuda")"""
 
 
 def _held_out_section(held_out: HeldOutSplit | None, repo_id: str) -> str:

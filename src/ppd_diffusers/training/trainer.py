@@ -1,8 +1,9 @@
 """``train_ppd``: the multi-user PPD training run behind ``examples/train_ppd.py``, on one device or many.
 
 accelerate supplies the devices, DDP/FSDP/DeepSpeed, mixed precision, gradient accumulation, trackers and the
-resumable checkpoints; this module supplies PPD: a frozen Stage C in ``eval()``, one trainable ``UserAdapter``,
-Pick-a-Pic pairs joined with their users' embeddings, and the user-conditioned Diffusion-DPO step.
+resumable checkpoints; this module supplies PPD: a frozen base model in ``eval()`` (Stable Cascade's Stage C, SDXL's
+UNet or Flux's transformer, see ``backbone_training``), one trainable ``UserAdapter``, Pick-a-Pic pairs joined with
+their users' embeddings, and the user-conditioned Diffusion-DPO step of the backbone's objective.
 
 Exact resume: a checkpoint holds the adapter, optimizer, learning-rate schedule and the step; the data order
 is a function of the seed and the epoch (accelerate's seedable sampler), the position is restored by skipping
@@ -17,14 +18,13 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from typing import Any
 
 import torch
 
-from .._stable_cascade import compile_blocks
 from ..loss import PPDLoss
 from .arguments import PPDTrainingArguments
+from .backbone_training import BackboneTraining, backbone_training
 from .checkpoints import (
     changed_settings,
     last_metrics,
@@ -115,44 +115,6 @@ def _held_out_split(args: PPDTrainingArguments, dataset: Any, draws: list, check
     return saved
 
 
-def _effnet_pixels(image: Any, height: int, width: int) -> torch.Tensor:
-    from ..stage_c_image_encoder import preprocess_images
-
-    return preprocess_images([image], height=height, width=width)[0]
-
-
-def _check_latent_size(pairs: PreferencePairsDataset, args: PPDTrainingArguments) -> None:
-    """Warns when the training latents are not the size the pipeline generates at ``resolution``."""
-    from ..stage_c_image_encoder import stage_c_latent_size
-
-    generated = (math.ceil(args.resolution / args.resolution_multiple),) * 2
-    if pairs.precomputed_latents:
-        trained = tuple(pairs[0]["latents_chosen"].shape[-2:])
-    else:
-        trained = stage_c_latent_size(args.resolution, args.resolution)
-    if trained != generated:
-        logger.warning(
-            "Training latents are %s but the pipeline generates %s at `resolution` %d with `resolution_multiple` "
-            "%s: validation images (and later generation) run at another size than training.",
-            "x".join(map(str, trained)), "x".join(map(str, generated)), args.resolution, args.resolution_multiple,
-        )  # fmt: skip
-
-
-def _load_image_encoder(args: PPDTrainingArguments, device: torch.device, dtype: torch.dtype):
-    from ..stage_c_image_encoder import StageCImageEncoder
-
-    if args.image_encoder is not None:
-        encoder = StageCImageEncoder.from_pretrained(args.image_encoder)
-    elif args.effnet_checkpoint is not None:
-        encoder = StageCImageEncoder.from_stability_checkpoint(args.effnet_checkpoint)
-    else:
-        raise ValueError(
-            "The dataset has no precomputed latents: pass `image_encoder` or `effnet_checkpoint`, or precompute "
-            "the latents with `examples/precompute_latents.py`."
-        )
-    return encoder.requires_grad_(False).eval().to(device, dtype)
-
-
 def _optimizer(adapter: torch.nn.Module, args: PPDTrainingArguments) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         adapter.parameters(),
@@ -163,29 +125,23 @@ def _optimizer(adapter: torch.nn.Module, args: PPDTrainingArguments) -> torch.op
     )
 
 
-def _train_batch(batch, pipe, image_encoder, model, loss_fn, args, generator, weight_dtype):
-    """The PPD loss of one batch: latents (precomputed or encoded now), prompts with dropout, the DPO step."""
+def _train_batch(batch, base: BackboneTraining, model, loss_fn, args, generator, weight_dtype):
+    """The PPD loss of one batch: latents (stored or encoded now), prompts with dropout, the DPO step."""
     device = generator.device
-    if image_encoder is not None:
-        with torch.no_grad():
-            pixels = torch.cat([batch["pixels_chosen"], batch["pixels_rejected"]]).to(device, weight_dtype)
-            chosen, rejected = image_encoder(pixels).chunk(2)
-    else:
-        chosen, rejected = batch["latents_chosen"], batch["latents_rejected"]
+    with torch.no_grad():
+        chosen, rejected = base.latents(batch, generator)
     pairs = chosen.shape[0]
     drop = torch.rand(pairs, generator=generator, device=device) < args.prompt_dropout
     captions = ["" if dropped else caption for dropped, caption in zip(drop.tolist(), batch["caption"], strict=True)]
     with torch.no_grad():
-        clip_text, clip_text_pooled = pipe.encode_prompt(captions, device, warn_truncation=False)
-    clip_img = clip_text.new_zeros(pairs, 1, pipe.prior.config.clip_image_in_channels)
+        conditioning = base.conditioning(captions, device)
     return ppd_dpo_step(
         model,
         chosen.to(device, weight_dtype),
         rejected.to(device, weight_dtype),
-        clip_text_pooled,
-        batch["user_embeds"].to(device),  # the fp32 adapter reads them; autocast picks the matmul precision
-        clip_text=clip_text,
-        clip_img=clip_img,
+        user_embeds=batch["user_embeds"].to(device),  # the fp32 adapter reads them; autocast picks the precision
+        conditioning=conditioning,
+        objective=base.objective,
         loss_fn=loss_fn,
         user_dropout=args.user_dropout,
         timestep_weighting=args.timestep_weighting,
@@ -193,11 +149,11 @@ def _train_batch(batch, pipe, image_encoder, model, loss_fn, args, generator, we
     )
 
 
-def _optimizer_step(accelerator, batch, pipe, image_encoder, model, loss_fn, adapter, optimizer, lr_scheduler, args,
-                    generator, weight_dtype):  # fmt: skip
+def _optimizer_step(accelerator, batch, base, model, loss_fn, adapter, optimizer, lr_scheduler, args, generator,
+                    weight_dtype):  # fmt: skip
     """One micro-batch inside ``accumulate``: loss, backward and, at the end of an accumulation, clip and step."""
     with accelerator.accumulate(adapter), accelerator.autocast():
-        out = _train_batch(batch, pipe, image_encoder, model, loss_fn, args, generator, weight_dtype)
+        out = _train_batch(batch, base, model, loss_fn, args, generator, weight_dtype)
         accelerator.backward(out.loss)
         if accelerator.sync_gradients and args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(adapter.parameters(), args.max_grad_norm)
@@ -211,11 +167,13 @@ def _optimizer_step(accelerator, batch, pipe, image_encoder, model, loss_fn, ada
 def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     """Trains a ``UserAdapter`` for many users at once with the user-conditioned Diffusion-DPO loss.
 
-    Run it under ``accelerate launch`` for several GPUs or nodes (DDP, FSDP or DeepSpeed come from the accelerate
-    config). Only the adapter is trained, prepared and checkpointed; Stage C and the encoders stay frozen in
-    ``eval()`` and, with ``mixed_precision="bf16"``, are stored in bf16 while the adapter keeps fp32 weights.
-    Writes to ``args.output_dir``: the adapter (``save_pretrained``, loadable by
-    ``PersonalizedStableCascadePipeline.load_user_adapter``), a model card ``README.md``, ``checkpoint-N``
+    ``args.backbone`` picks the base model: Stable Cascade's Stage C, SDXL or Flux, each with its latents and
+    ``DPOObjective`` (see ``backbone_training`` and ``objectives``). Run it under ``accelerate launch`` for several
+    GPUs or nodes (DDP, FSDP or DeepSpeed come from the accelerate config). Only the adapter is trained, prepared and
+    checkpointed; the base model and the encoders stay frozen in ``eval()`` and, with ``mixed_precision="bf16"``,
+    are stored in bf16 while the adapter keeps fp32 weights. Writes to ``args.output_dir``: the adapter
+    (``save_pretrained``, loadable by the backbone's pipeline's ``load_user_adapter``), a model card ``README.md``
+    naming the backbone and base model, ``checkpoint-N``
     folders, ``logs/metrics.jsonl`` (one line per step) and ``validation/step-N.png`` grids (rows: prompts;
     columns: the base model, then each validation user) and ``held_out_users.json``, the users held out of
     training (see ``HeldOutSplit``; evaluate the adapter on its ``evaluation_users`` only).
@@ -242,8 +200,7 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     from tqdm.auto import tqdm
 
     from ..adapter import UserAdapter
-    from ..personalized_unet import PersonalizedStageC
-    from ..pipeline_personalized_stable_cascade import PersonalizedStableCascadePipeline
+    from ..personalized_model import PersonalizedModel
     from .model_card import adapter_model_card, create_hub_repo, upload_adapter
     from .validation import gather_adapter, log_validation
 
@@ -258,7 +215,9 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     )
     set_seed(args.seed)  # the same fresh adapter in every process (DDP also broadcasts it)
     if accelerator.mixed_precision == "fp16":
-        raise ValueError("fp16 gives black Stable Cascade images: use `--mixed_precision bf16` or `no`.")
+        raise ValueError(
+            "fp16 is not supported (it gives black Stable Cascade images): use `--mixed_precision bf16` or `no`."
+        )
     weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -283,15 +242,15 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
     accelerator.wait_for_everyone()  # every process has read a recorded split before it is written again
     if accelerator.is_main_process:
         split.save(os.path.join(args.output_dir, HELD_OUT_FILE))
-    decodes_images = not {"latents_0", "latents_1"} <= set(dataset.column_names)
-    size = dict(height=args.resolution, width=args.resolution)
-    image_transform = partial(_effnet_pixels, **size) if decodes_images else None
+    base = backbone_training(args, weight_dtype)
+    dataset = base.training_dataset(dataset)
     pairs = PreferencePairsDataset(
-        dataset, user_embeddings, draws, image_transform=image_transform, exclude_users=split.users, seed=args.seed
-    )
+        dataset, user_embeddings, draws, image_transform=base.image_transform(dataset), exclude_users=split.users,
+        seed=args.seed,
+    )  # fmt: skip
     if len(pairs) == 0:
         raise ValueError(f"No training pairs in `{args.dataset_name}`: {pairs.stats}.")
-    _check_latent_size(pairs, args)
+    base.check_latent_size(pairs)
     train_set: torch.utils.data.Dataset = pairs
     stats = pairs.stats
     if args.max_train_samples is not None and args.max_train_samples < len(pairs):
@@ -300,37 +259,24 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
         stats = replace(stats, pairs=len(train_set), users=len(set(pairs.users_of(train_set.indices))))
 
     # ---------------------------------------------------------------- models
-    # Stage B and A only make the validation images, which the main process draws
-    validating = args.decoder_model_name_or_path is not None and args.num_validation_users > 0
-    draws_grids = validating and accelerator.is_main_process
-    pipe = PersonalizedStableCascadePipeline.from_stable_cascade(
-        prior_model_name_or_path=args.pretrained_model_name_or_path,
-        decoder_model_name_or_path=args.decoder_model_name_or_path if draws_grids else None,
-        prior_subfolder=args.prior_subfolder,
-        torch_dtype=weight_dtype,
-        variant=args.variant,
-        revision=args.revision,
-        resolution_multiple=args.resolution_multiple,
-        latent_dim_scale=args.latent_dim_scale,
+    # Stable Cascade's Stage B and A only make the validation images, which the main process draws
+    validating = args.num_validation_users > 0 and (
+        args.backbone != "stable_cascade" or args.decoder_model_name_or_path is not None
     )
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.prior, pipe.text_encoder, pipe.decoder, pipe.vqgan):
-        if module is not None:
-            module.requires_grad_(False).eval()
-    pipe.to(accelerator.device)
+    base.load(load_decoder=validating and accelerator.is_main_process).to(accelerator.device)
+    denoiser = base.denoiser
     if args.gradient_checkpointing:
-        pipe.prior.enable_gradient_checkpointing()
+        base.enable_gradient_checkpointing()
     if args.torch_compile:
-        blocks = compile_blocks(pipe.prior)
-        logger.info("torch.compile: %d Stage C blocks and the personalized attention (regional)", blocks)
+        base.compile()
 
     if args.adapter_name_or_path is not None:
         adapter = UserAdapter.from_pretrained(args.adapter_name_or_path)
-        adapter.check_unet(pipe.prior)
+        adapter.check_model(denoiser)
         adapter = adapter.to(accelerator.device, torch.float32)
     else:
-        adapter = UserAdapter.from_unet(
-            pipe.prior,
+        adapter = UserAdapter.from_model(
+            denoiser,
             user_embed_dim=user_embeddings.shape[-1],
             num_user_tokens=args.num_user_tokens,
             user_token_dim=args.user_token_dim,
@@ -341,7 +287,8 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
             f"`user_embeddings` holds width {user_embeddings.shape[-1]}."
         )
     adapter.train()
-    image_encoder = _load_image_encoder(args, accelerator.device, weight_dtype) if decodes_images else None
+    if not pairs.precomputed_latents:
+        base.prepare_image_encoder(accelerator.device)
 
     loader = torch.utils.data.DataLoader(
         train_set,
@@ -379,7 +326,7 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
             num_training_steps=max_train_steps * accelerator.num_processes,
         )
     )
-    model = PersonalizedStageC(pipe.prior, adapter)
+    model = PersonalizedModel.for_model(denoiser, adapter)
     loss_fn = PPDLoss(beta=args.beta_dpo)
 
     # never the Hub token: trackers store (and wandb uploads) their config, and checkpoints keep it
@@ -427,8 +374,8 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
             generator = torch.Generator(accelerator.device)
             generator.manual_seed(stable_seed(args.seed, epoch, batch_index, accelerator.process_index))
             out = _optimizer_step(
-                accelerator, batch, pipe, image_encoder, model, loss_fn, adapter, optimizer, lr_scheduler, args,
-                generator, weight_dtype,
+                accelerator, batch, base, model, loss_fn, adapter, optimizer, lr_scheduler, args, generator,
+                weight_dtype,
             )  # fmt: skip
             running.append(torch.stack([out.loss.detach().float(), out.implicit_accuracy.detach().float()]))
             skipped_rows += batch["skipped"]
@@ -452,7 +399,9 @@ def train_ppd(args: PPDTrainingArguments) -> TrainingResult:
             if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, settings)
             if validating and (global_step % args.validation_steps == 0 or global_step == max_train_steps):
-                log_validation(accelerator, pipe, adapter, user_embeddings, draws, held_out, args, global_step)
+                log_validation(accelerator, base.pipe, adapter, user_embeddings, draws, held_out, args, global_step)
+                # unloading the pipeline's copy of the adapter takes the user processors of SDXL/Flux out
+                model = PersonalizedModel.for_model(denoiser, adapter)
             if global_step >= max_train_steps:
                 break
     progress.close()

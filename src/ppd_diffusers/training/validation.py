@@ -27,11 +27,12 @@ def validation_grid(
     """One image grid: a row per prompt; the base model first, then one column per user, from the same noise.
 
     Args:
-        pipe: A ``PersonalizedStableCascadePipeline`` with a user adapter and a decoder.
+        pipe: A PPD pipeline with a user adapter: ``PersonalizedStableCascadePipeline`` (with its decoder),
+            ``PersonalizedStableDiffusionXLPipeline`` or ``PersonalizedFluxPipeline``.
         user_embeds: ``(users, tokens, width)`` embeddings of the users to show.
         prompts: The prompts, one row each.
-        num_inference_steps: Stage C steps.
-        guidance_scale: Classifier-free guidance of Stage C.
+        num_inference_steps: Denoising steps (Stage C's for Stable Cascade).
+        guidance_scale: The pipeline's ``guidance_scale`` (classifier-free guidance; Flux's guidance embedding).
         seed: Seed of the noise, shared by every column of a row.
         height: Image height in pixels.
         width: Image width in pixels.
@@ -52,11 +53,11 @@ def validation_grid(
     images = []
     for row, prompt in enumerate(prompts):
         generators = [torch.Generator(device).manual_seed(seed + row) for _ in range(users + 1)]
-        # the base column reuses the first user's embedding at preference scale 0: the plain base model
+        # the base column reuses the first user's embedding at user scale 0: the plain base model
         out = pipe(
             [prompt] * (users + 1),
             user_embeds=torch.cat([user_embeds[:1], user_embeds]),
-            preference_scale=[0.0] + [1.0] * users,
+            user_scale=[0.0] + [1.0] * users,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=height,
@@ -96,7 +97,7 @@ def log_validation(accelerator, pipe, adapter, user_embeddings, draws, held_out,
         first_draw = {}
         for index, draw in enumerate(draws):
             first_draw.setdefault(draw.user_id, index)
-        users = user_embeddings[[first_draw[u] for u in held_out]].to(accelerator.device, pipe.prior.dtype)
+        users = user_embeddings[[first_draw[u] for u in held_out]].to(accelerator.device, pipe.user_model.dtype)
         pipe.load_user_adapter(gathered)  # a copy: loading casts it to the pipeline's dtype in place
         grid = validation_grid(
             pipe,
