@@ -91,6 +91,11 @@ def test_scale_is_folded_into_the_values(unet, adapter):
     assert all(torch.equal(k, k2) for k, k2 in zip(plain.keys, half.keys))
     assert all(torch.equal(0.5 * v, v2) for v, v2 in zip(plain.values, half.values))
     assert half.user_scale == 0.5
+    with pytest.warns(FutureWarning, match="`scale` is deprecated"):
+        old_name = adapter(users, scale=0.5)
+    assert all(torch.equal(v, v2) for v, v2 in zip(half.values, old_name.values))
+    with pytest.warns(FutureWarning, match="`UserKeyValues.scale` is deprecated"):
+        assert old_name.scale == 0.5
 
 
 def test_precomputed_user_kv_equals_user_embeds(unet, adapter):

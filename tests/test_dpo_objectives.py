@@ -310,7 +310,10 @@ def test_flux_packing_round_trips_exactly():
 def test_flux_weighting_schemes_weigh_pairs():
     sigma = torch.tensor([0.25, 0.5, 1.0])
     assert torch.equal(FluxObjective().loss_weight(sigma), torch.ones(3))
-    torch.testing.assert_close(FluxObjective(weighting_scheme="sigma_sqrt").loss_weight(sigma), sigma**-2)
+    cosmap = 2 / (torch.pi * (1 - 2 * sigma + 2 * sigma**2))
+    torch.testing.assert_close(FluxObjective(weighting_scheme="cosmap").loss_weight(sigma), cosmap)
+    with pytest.raises(ValueError, match="saturates the DPO loss"):
+        FluxObjective(weighting_scheme="sigma_sqrt")
     with pytest.raises(ValueError, match='takes `timestep_weighting="constant"` only'):
         FluxObjective().loss_weight(sigma, "min_snr")
     with pytest.raises(ValueError, match="`weighting_scheme` must be one of"):

@@ -372,3 +372,16 @@ def test_bad_inputs_without_adapter_or_encoder(flux_dir, user):
         bare("a red cat", preference_pairs=USERS[0], **CALL)
     with pytest.raises(ValueError, match="`prompt` must be"):
         bare(user_embeds=user[:1], **CALL)
+
+
+def test_the_deprecated_scale_name_still_works_with_a_warning(pipe):
+    def latents(**kwargs):
+        call = dict(CALL, output_type="latent", generator=torch.Generator().manual_seed(0))
+        users = torch.ones(1, 4, pipe.user_adapter.config.user_embed_dim)
+        return pipe("a red cat", user_embeds=users, **call, **kwargs)
+
+    with pytest.warns(FutureWarning, match="`preference_scale` is deprecated"):
+        old_name = latents(preference_scale=0.5).images
+    assert torch.equal(old_name, latents(user_scale=0.5).images)
+    with pytest.raises(ValueError, match="Pass `user_scale` only"):
+        latents(user_scale=1.0, preference_scale=0.5)

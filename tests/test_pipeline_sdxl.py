@@ -427,8 +427,16 @@ BAD_INPUTS = [
 
 
 def test_unknown_arguments_are_refused_not_ignored(pipe):
-    with pytest.raises(TypeError, match=r"unexpected arguments \['preference_scale'\] \(the user scale is `user_"):
-        pipe("a red cat", user_embeds=torch.zeros(1, 4, 48), preference_scale=0.5, **CALL)
+    def latent() -> dict:
+        return dict(CALL, output_type="latent", generator=torch.Generator().manual_seed(0))
+
+    with pytest.warns(FutureWarning, match="`preference_scale` is deprecated"):
+        old_name = pipe("a red cat", user_embeds=torch.ones(1, 4, 48), preference_scale=0.5, **latent()).images
+    new_name = pipe("a red cat", user_embeds=torch.ones(1, 4, 48), user_scale=0.5, **latent()).images
+    assert torch.equal(old_name, new_name)
+    assert pipe.cross_attention_kwargs is None  # the call's user keys/values are not kept after it
+    with pytest.raises(ValueError, match="Pass `user_scale` only"):
+        pipe("a red cat", user_embeds=torch.zeros(1, 4, 48), user_scale=1.0, preference_scale=0.5, **CALL)
     with pytest.raises(TypeError, match=r"unexpected arguments \['num_inference_step'\]"):
         pipe("a red cat", num_inference_step=3)
 

@@ -169,11 +169,52 @@ def test_install_wraps_only_the_personalized_layers_and_detach_restores_them(set
 
 
 def test_untouched_layers_do_not_warn_about_the_user_kwarg(setup, caplog):
+    from ppd_diffusers import user_attention_processor
+
     _, model, adapter, inputs = setup
     personalized = randomize_(adapter).attach(model)
-    with caplog.at_level(logging.WARNING):
-        run(personalized, inputs(), user_embeds=users(3))
-    assert not [r for r in caplog.records if "not expected" in r.getMessage()]
+    diffusers_logger = logging.getLogger("diffusers")  # diffusers' loggers do not propagate to the root
+    diffusers_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="diffusers"):
+            run(personalized, inputs(), user_embeds=users(3))
+            assert not [r for r in caplog.records if "not expected" in r.getMessage()]
+            # the control: without the filter the untouched layers do warn
+            for name in user_attention_processor._FILTERED_LOGGERS:
+                logging.getLogger(name).removeFilter(user_attention_processor._FILTER)
+            try:
+                run(personalized, inputs(), user_embeds=users(3))
+            finally:
+                user_attention_processor._quiet_user_kwarg_warnings()
+            assert [r for r in caplog.records if "['ppd_user_kv'] are not expected" in r.getMessage()]
+    finally:
+        diffusers_logger.removeHandler(caplog.handler)
+
+
+def test_a_user_is_never_dropped_when_something_replaced_the_processors(setup):
+    backbone, model, adapter, inputs = setup
+    first = randomize_(adapter).attach(model)
+    expected = run(first, inputs(), user_embeds=users(3))
+    adapter.attach(model).detach()  # another personalized model of the same model takes the processors away
+    assert not user_processor_layers(model)
+    assert torch.equal(run(first, inputs(), user_embeds=users(3)), expected)
+    default = AttnProcessor2_0() if backbone == "sdxl" else FluxAttnProcessor()
+    model.set_attn_processor(default)  # diffusers' own switch
+    assert torch.equal(run(first, inputs(), user_embeds=users(3)), expected)
+
+
+def test_a_lora_on_the_output_projection_acts_on_the_user_term_on_every_path(setup):
+    from peft import LoraConfig
+
+    backbone, model, adapter, inputs = setup
+    model.add_adapter(LoraConfig(r=2, target_modules=["to_out.0"], init_lora_weights=False))
+    randomize_(adapter)
+    fast = run(adapter.attach(model), inputs(), user_embeds=users(3))
+    custom = AttnProcessor() if backbone == "sdxl" else type("CustomFluxProcessor", (FluxAttnProcessor,), {})()
+    for name in adapter.config.layer_names:
+        model.get_submodule(name).set_processor(custom)
+    generic = run(adapter.attach(model), inputs(), user_embeds=users(3))
+    torch.testing.assert_close(generic, fast, rtol=1e-4, atol=1e-5)
 
 
 def test_only_adapter_weights_get_gradients_and_checkpointing_gives_the_same(setup):
@@ -238,6 +279,8 @@ def test_layer_names_are_checked_not_only_shapes(tmp_path):
     moved = UserAdapter.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"its layer 'elsewhere\.down_blocks.*is 'down_blocks"):
         moved.check_model(unet)
+    as_tuple = UserAdapter(**{**adapter.config, "layer_names": tuple(adapter.config.layer_names)})
+    as_tuple.check_model(unet)  # a tuple of the same names fits
 
 
 def test_adapters_saved_before_backbones_existed_load_as_stage_c(tmp_path):

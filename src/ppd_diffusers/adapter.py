@@ -4,6 +4,7 @@ layer, for Stable Cascade Stage C, SDXL and Flux (see ``backbones``)."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from itertools import groupby
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,12 @@ class UserKeyValues:
     values: tuple[torch.Tensor, ...]
     user_scale: float | torch.Tensor = 1.0
     rows: int | slice | None = None
+
+    @property
+    def scale(self) -> float | torch.Tensor:
+        """The deprecated name of ``user_scale`` (``FutureWarning``)."""
+        warnings.warn("`UserKeyValues.scale` is deprecated: read `user_scale`.", FutureWarning, stacklevel=2)
+        return self.user_scale
 
     @property
     def batch_size(self) -> int:
@@ -247,7 +254,8 @@ class UserAdapter(ModelMixin, ConfigMixin):
         backbone = backbone_of(model)
         found = user_layers(model)
         expected = self.layers
-        same_names = self.config.layer_names is None or [layer.name for layer in found] == self.config.layer_names
+        names = self.config.layer_names
+        same_names = names is None or [layer.name for layer in found] == list(names)
         shapes = [(layer.channels, layer.heads) for layer in found]
         wanted = [(layer.channels, layer.heads) for layer in expected]
         if backbone != self.config.backbone or not same_names or shapes != wanted:
@@ -291,7 +299,9 @@ class UserAdapter(ModelMixin, ConfigMixin):
         tokens_out = tokens_out.view(batch_size, tokens * self.config.num_user_tokens, self.config.user_token_dim)
         return self.user_norm(tokens_out)
 
-    def forward(self, user_embeds: torch.Tensor, user_scale: float | torch.Tensor = 1.0) -> UserKeyValues:
+    def forward(
+        self, user_embeds: torch.Tensor, user_scale: float | torch.Tensor = 1.0, *, scale: Any = None
+    ) -> UserKeyValues:
         """Computes every layer's user keys/values from user embeddings (once per generation or step).
 
         Args:
@@ -299,10 +309,14 @@ class UserAdapter(ModelMixin, ConfigMixin):
                 user of sample ``b`` (a batch of one serves the whole batch).
             user_scale: Weight of the user term, a float or a per-sample ``(batch,)`` tensor (0 switches a
                 sample's user off); folded into the values here so the denoising steps need no multiply.
+            scale: The deprecated name of ``user_scale`` (``FutureWarning``).
 
         Returns:
             A ``UserKeyValues`` with keys and values split into each layer's heads.
         """
+        if scale is not None:  # the name of earlier releases
+            warnings.warn("`scale` is deprecated: pass `user_scale` instead.", FutureWarning, stacklevel=2)
+            user_scale = scale
         tokens = self.project(user_embeds)
         batch_size, length, _ = tokens.shape
         if isinstance(user_scale, torch.Tensor) and user_scale.ndim > 0:

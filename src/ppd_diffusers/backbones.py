@@ -5,7 +5,9 @@ Three backbones, one rule each:
 - ``"stable_cascade"``: every ``SDCascadeAttnBlock`` of Stage C (``StableCascadeUNet``), down path then up path;
   their width is the block's channels (queries, keys and values share it).
 - ``"sdxl"``: every cross-attention layer (``attn2``) of a ``UNet2DConditionModel``, where the text enters the
-  UNet, in ``named_modules`` order; the width is that of the layer's keys/values (``to_k``'s output).
+  UNet, in ``named_modules`` order; the width is that of the layer's keys/values (``to_k``'s output). Any
+  ``UNet2DConditionModel`` (SD 1.x and 2.x too) is this kind and gets the same layers, but the pipeline and the
+  training objective are SDXL's, and only SDXL is tested.
 - ``"flux"``: the attention of every double-stream block (``transformer_blocks.N.attn``) of a
   ``FluxTransformer2DModel``, where the text tokens still form their own stream; width ``heads * head_dim``.
 

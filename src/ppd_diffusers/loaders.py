@@ -18,7 +18,14 @@ if TYPE_CHECKING:
     from .personalized_model import PersonalizedModel
     from .pipeline_personalized_stable_cascade import PersonalizedStableCascadePipeline
 
-__all__ = ["DEFAULT_ADAPTER_NAME", "PPDLoaderMixin", "check_adapter_fits_encoder", "resolve_dtype"]
+__all__ = [
+    "DEFAULT_ADAPTER_NAME",
+    "PPDLoaderMixin",
+    "check_adapter_fits_encoder",
+    "check_user_components",
+    "diffusers_dtype_kwargs",
+    "resolve_dtype",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,34 @@ def check_adapter_fits_encoder(adapter: UserAdapter | None, encoder: BasePrefere
             f"`preference_encoder` ({type(encoder).__name__}) makes embeddings of width {encoder.embed_dim}: use the "
             "encoder the adapter was trained with."
         )
+
+
+def check_user_components(pipeline: type, user_adapter: Any, preference_encoder: Any) -> None:
+    """The checks of a PPD pipeline's ``__init__``: the user components are loaded objects of the right classes
+    (diffusers hands ``from_pretrained(base, user_adapter="an id")`` over as a string) and fit each other."""
+    for name, value, kind in (
+        ("user_adapter", user_adapter, UserAdapter),
+        ("preference_encoder", preference_encoder, BasePreferenceEncoder),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(
+                f"`{name}` must be a `{kind.__name__}`, got {type(value).__name__}: load an id or folder with "
+                f"`{pipeline.__name__}.from_base_model(base, {name}=...)`."
+            )
+    check_adapter_fits_encoder(user_adapter, preference_encoder)
+
+
+def diffusers_dtype_kwargs(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """The dtype argument of the installed diffusers' ``from_pretrained``: ``dtype`` from 0.40 on (which deprecates
+    ``torch_dtype`` for pipelines), ``torch_dtype`` before (0.38 and 0.39 pass an unknown ``dtype`` on to the
+    model's ``__init__``). Empty for ``None``."""
+    if dtype is None:
+        return {}
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return {"dtype" if Version(version("diffusers")).release >= (0, 40) else "torch_dtype": dtype}
 
 
 def resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
@@ -299,8 +334,7 @@ class PPDLoaderMixin:
         dtype = resolve_dtype(
             from_pretrained_kwargs.pop("dtype", None), from_pretrained_kwargs.pop("torch_dtype", None)
         )
-        if dtype is not None:
-            from_pretrained_kwargs["dtype"] = dtype
+        from_pretrained_kwargs.update(diffusers_dtype_kwargs(dtype))
         encoder = _resolve_encoder(preference_encoder, dtype, preference_encoder_kwargs)
         if encoder is not None:
             from_pretrained_kwargs["preference_encoder"] = encoder
@@ -379,10 +413,12 @@ class PPDLoaderMixin:
             raise TypeError(f"`from_stable_cascade` got unexpected arguments {unknown}; Hub arguments: {_HUB_KWARGS}.")
         dtype = resolve_dtype(dtype, torch_dtype)
         prior_repo = dict(pretrained_model_name_or_path=prior_model_name_or_path, revision=revision, **hub_kwargs)
-        # diffusers' and transformers' `from_pretrained` both take `dtype`
-        weights = dict(dtype=dtype, variant=variant)
+        weights = dict(dtype=dtype, variant=variant)  # transformers (5) takes `dtype`
+        diffusers_weights = dict(**diffusers_dtype_kwargs(dtype), variant=variant)
         components: dict[str, Any] = dict(
-            prior=_load(StableCascadeUNet.from_pretrained, subfolder=prior_subfolder, **prior_repo, **weights),
+            prior=_load(
+                StableCascadeUNet.from_pretrained, subfolder=prior_subfolder, **prior_repo, **diffusers_weights
+            ),
             text_encoder=_load(
                 CLIPTextModelWithProjection.from_pretrained, subfolder="text_encoder", **prior_repo, **weights
             ),
@@ -405,9 +441,11 @@ class PPDLoaderMixin:
                 pretrained_model_name_or_path=decoder_model_name_or_path, revision=decoder_revision, **hub_kwargs
             )
             components["decoder"] = _load(
-                StableCascadeUNet.from_pretrained, subfolder=decoder_subfolder, **decoder_repo, **weights
+                StableCascadeUNet.from_pretrained, subfolder=decoder_subfolder, **decoder_repo, **diffusers_weights
             )
-            components["vqgan"] = _load(PaellaVQModel.from_pretrained, subfolder="vqgan", **decoder_repo, **weights)
+            components["vqgan"] = _load(
+                PaellaVQModel.from_pretrained, subfolder="vqgan", **decoder_repo, **diffusers_weights
+            )
             components["decoder_scheduler"] = DDPMWuerstchenScheduler.from_pretrained(
                 subfolder="scheduler", **decoder_repo
             )

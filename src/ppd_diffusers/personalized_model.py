@@ -14,7 +14,12 @@ from torch import nn
 
 from .adapter import UserAdapter, UserKeyValues
 from .backbones import backbone_of
-from .user_attention_processor import USER_KV_KWARG, install_user_processors, remove_user_processors
+from .user_attention_processor import (
+    USER_KV_KWARG,
+    install_user_processors,
+    remove_user_processors,
+    runs_user_processors,
+)
 
 __all__ = ["PersonalizedModel", "attention_kwargs_name"]
 
@@ -70,8 +75,13 @@ class PersonalizedModel(nn.Module):
         self.backbone = backbone_of(model)
         self.model = model.requires_grad_(False).eval()
         self.adapter = adapter
+        self._layer_names = list(unwrapped.config.layer_names or [])
+        # a plain list: the layers stay submodules of `model` only
+        self._user_layers: list[nn.Module] = []
         if self.backbone != "stable_cascade":
-            install_user_processors(model, list(unwrapped.config.layer_names))
+            install_user_processors(model, self._layer_names)
+            unwrapped_model = getattr(model, "_orig_mod", model)
+            self._user_layers = [unwrapped_model.get_submodule(name) for name in self._layer_names]
 
     @classmethod
     def for_model(cls, model: nn.Module, adapter: UserAdapter | nn.Module) -> PersonalizedModel:
@@ -89,7 +99,11 @@ class PersonalizedModel(nn.Module):
         return self
 
     def detach(self) -> nn.Module:
-        """Returns the base model (frozen, in eval mode, weights as loaded) with its own attention processors back."""
+        """Returns the base model (frozen, in eval mode, weights as loaded) with its own attention processors back.
+
+        The processors belong to the model, so this also takes them from any other ``PersonalizedModel`` of the
+        same model; such a model installs them again at its next call with a user.
+        """
         if self.backbone != "stable_cascade":
             remove_user_processors(self.model)
         return self.model
@@ -162,6 +176,9 @@ class PersonalizedModel(nn.Module):
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         user_kv = self.user_key_values(sample.shape[0], user_embeds, user_kv, user_scale, user_rows)
         if user_kv is not None:
+            if not runs_user_processors(self._user_layers):
+                # something replaced the processors since attaching: wrap the current ones, never drop the user
+                install_user_processors(self.model, self._layer_names)
             name = attention_kwargs_name(self.backbone)
             kwargs[name] = {**(kwargs.get(name) or {}), USER_KV_KWARG: user_kv}
         return self.model(*args, **kwargs)

@@ -25,8 +25,8 @@ from ._pipeline_loading import register_ppd_diffusers_components
 from .adapter import UserAdapter, UserKeyValues
 from .encoder_base import BasePreferenceEncoder
 from .guidance import guidance_branches, guided_prediction
-from .loaders import PPDLoaderMixin, check_adapter_fits_encoder
-from .pipeline_inputs import check_number, check_user_count, check_user_inputs
+from .loaders import PPDLoaderMixin, check_user_components
+from .pipeline_inputs import check_number, check_user_count, check_user_inputs, resolve_user_scale
 from .processor_pipeline import UserProcessorsMixin, prompt_count
 from .user_attention_processor import USER_KV_KWARG
 
@@ -114,22 +114,12 @@ class PersonalizedFluxPipeline(UserProcessorsMixin, FluxPipeline, PPDLoaderMixin
         user_adapter: UserAdapter | None = None,
         preference_encoder: BasePreferenceEncoder | None = None,
     ):
-        for name, value, kind in (
-            ("user_adapter", user_adapter, UserAdapter),
-            ("preference_encoder", preference_encoder, BasePreferenceEncoder),
-        ):
-            if value is not None and not isinstance(value, kind):
-                # e.g. `from_pretrained(base, user_adapter="an id")`: diffusers passes component arguments as is
-                raise ValueError(
-                    f"`{name}` must be a `{kind.__name__}`, got {type(value).__name__}: load an id or folder with "
-                    f"`PersonalizedFluxPipeline.from_base_model(base, {name}=...)`."
-                )
         super().__init__(
             scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
             text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
             image_encoder=image_encoder, feature_extractor=feature_extractor,
         )  # fmt: skip
-        check_adapter_fits_encoder(user_adapter, preference_encoder)
+        check_user_components(type(self), user_adapter, preference_encoder)
         self.register_modules(user_adapter=user_adapter, preference_encoder=preference_encoder)
         self._attach_user_adapter()
 
@@ -144,6 +134,7 @@ class PersonalizedFluxPipeline(UserProcessorsMixin, FluxPipeline, PPDLoaderMixin
         user_embeds: torch.Tensor | None = None,
         user_scale: float | list[float] | None = None,
         user_guidance_scale: float | None = None,
+        preference_scale: float | list[float] | None = None,
         **kwargs: Any,
     ) -> PersonalizedFluxPipelineOutput | tuple:
         r"""Generates images for each prompt, in the taste of the user given with it.
@@ -173,6 +164,8 @@ class PersonalizedFluxPipeline(UserProcessorsMixin, FluxPipeline, PPDLoaderMixin
                 ``e_0 + g (e_t - e_0) + g_u (e_u - e_t)`` with true CFG of scale ``g``, ``e_t + g_u (e_u - e_t)``
                 without. ``None`` guides the user like the prompt (``g_u = g``, or 1 without true CFG) at no extra
                 cost; another value adds a transformer call without the user to each positive call.
+            preference_scale: The deprecated name of ``user_scale`` (``FutureWarning``), as in the Stable Cascade
+                pipeline.
             **kwargs: ``FluxPipeline.__call__``'s keyword arguments. ``joint_attention_kwargs`` must not hold
                 ``"ppd_user_kv"``: the pipeline puts the user there.
 
@@ -182,6 +175,7 @@ class PersonalizedFluxPipeline(UserProcessorsMixin, FluxPipeline, PPDLoaderMixin
         Raises:
             ValueError: A bad user argument, named in the message (``FluxPipeline`` checks its own).
         """
+        user_scale = resolve_user_scale(user_scale, preference_scale)
         call = _PARENT_CALL.bind(self, prompt, *args, **kwargs)
         call.apply_defaults()
         arguments = call.arguments

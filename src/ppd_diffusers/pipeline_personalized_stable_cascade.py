@@ -20,7 +20,7 @@ from ._stable_cascade import compile_blocks
 from .adapter import UserAdapter, UserKeyValues
 from .encoder_base import BasePreferenceEncoder
 from .guidance import guidance_branches, guided_prediction
-from .loaders import PPDLoaderMixin, _is_offloaded, _onload, check_adapter_fits_encoder
+from .loaders import PPDLoaderMixin, _is_offloaded, _onload, check_user_components
 from .pipeline_inputs import (
     OUTPUT_TYPES,
     check_call_inputs,
@@ -126,7 +126,7 @@ class PersonalizedStableCascadePipeline(DiffusionPipeline, PPDLoaderMixin):
         latent_dim_scale: float = 10.67,
     ):
         super().__init__()
-        check_adapter_fits_encoder(user_adapter, preference_encoder)
+        check_user_components(type(self), user_adapter, preference_encoder)
         self.register_modules(
             prior=prior,
             text_encoder=text_encoder,

@@ -24,8 +24,8 @@ from ._pipeline_loading import register_ppd_diffusers_components
 from .adapter import UserAdapter
 from .encoder_base import BasePreferenceEncoder
 from .guidance import guidance_branches, guided_prediction
-from .loaders import PPDLoaderMixin, check_adapter_fits_encoder
-from .pipeline_inputs import check_number, check_user_count, check_user_inputs
+from .loaders import PPDLoaderMixin, check_user_components
+from .pipeline_inputs import check_number, check_user_count, check_user_inputs, resolve_user_scale
 from .processor_pipeline import UserProcessorsMixin, prompt_count
 from .user_attention_processor import USER_KV_KWARG
 
@@ -131,7 +131,7 @@ class PersonalizedStableDiffusionXLPipeline(UserProcessorsMixin, StableDiffusion
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
             add_watermarker=add_watermarker,
         )
-        check_adapter_fits_encoder(user_adapter, preference_encoder)
+        check_user_components(type(self), user_adapter, preference_encoder)
         self.register_modules(user_adapter=user_adapter, preference_encoder=preference_encoder)
         self._attach_user_adapter()
 
@@ -170,6 +170,7 @@ class PersonalizedStableDiffusionXLPipeline(UserProcessorsMixin, StableDiffusion
         user_embeds: torch.Tensor | None = None,
         user_scale: float | list[float] | None = None,
         user_guidance_scale: float | None = None,
+        preference_scale: float | list[float] | None = None,
         **kwargs: Any,
     ) -> PersonalizedStableDiffusionXLPipelineOutput | tuple:
         r"""Generates images for each prompt, in the taste of the user given with it.
@@ -193,20 +194,22 @@ class PersonalizedStableDiffusionXLPipeline(UserProcessorsMixin, StableDiffusion
                 (see ``guided_prediction``). ``None`` guides the user like the prompt (``g_u = g``, or ``g_u =
                 1`` without guidance), which costs nothing; another value adds a text-only prediction to each
                 UNet call (1.5x the UNet's cost with guidance, 2x without).
+            preference_scale: The deprecated name of ``user_scale`` (``FutureWarning``), as in the Stable Cascade
+                pipeline.
             **kwargs: The parent's keyword arguments.
 
         Returns:
             ``PersonalizedStableDiffusionXLPipelineOutput``, or ``(images, user_embeds)`` when
             ``return_dict=False``.
         """
+        user_scale = resolve_user_scale(user_scale, preference_scale)
         call = _PARENT_CALL.bind(self, prompt, *args, **kwargs)
         call.apply_defaults()
         arguments = call.arguments
         # the parent swallows unknown keyword arguments: refuse them rather than ignore a misspelt option
         unknown = sorted(set(arguments["kwargs"]) - _PARENT_EXTRA_KWARGS)
         if unknown:
-            hint = " (the user scale is `user_scale`)" if "preference_scale" in unknown else ""
-            raise TypeError(f"`{type(self).__name__}.__call__` got unexpected arguments {unknown}{hint}.")
+            raise TypeError(f"`{type(self).__name__}.__call__` got unexpected arguments {unknown}.")
         batch_size = prompt_count(arguments["prompt"], arguments["prompt_embeds"])
         per_prompt = arguments["num_images_per_prompt"]
         if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
@@ -244,8 +247,12 @@ class PersonalizedStableDiffusionXLPipeline(UserProcessorsMixin, StableDiffusion
             arguments["cross_attention_kwargs"] = {**(attention_kwargs or {}), USER_KV_KWARG: user_kv}
             if user_guidance_scale is not None:
                 guidance = _UserGuidance(self, rows, float(user_guidance_scale))
-        with guidance.hooked() if guidance is not None else nullcontext():
-            output = super().__call__(*call.args[1:], **call.kwargs)
+        try:
+            with guidance.hooked() if guidance is not None else nullcontext():
+                output = super().__call__(*call.args[1:], **call.kwargs)
+        finally:
+            # the parent keeps the call's kwargs as `cross_attention_kwargs`: drop the user keys/values with the call
+            self._cross_attention_kwargs = attention_kwargs
         if not return_dict:
             return (output.images, user_embeds)
         return PersonalizedStableDiffusionXLPipelineOutput(images=output.images, user_embeds=user_embeds)

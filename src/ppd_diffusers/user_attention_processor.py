@@ -19,8 +19,9 @@ equals the base model bit for bit whenever no user is given. With a user:
   attention does. The text stream and the single-stream blocks are left alone: the text tokens carry the prompt,
   and in the single-stream blocks text and image share one stream (Flux IP-Adapters stop at the same place).
 - **Any other processor** (an IP-Adapter's, a custom one): the original processor runs, then the user term is
-  added through the output projection's weight, ``out + W_out softmax(Q K'^T) V' / rescale``, which is the same
-  sum by linearity, at the cost of computing ``Q`` a second time.
+  added through the output projection without its bias, ``out + (proj(u) - proj(0)) / rescale`` with
+  ``u = softmax(Q K'^T) V'``, which is the same sum since the projection is affine (a LoRA on it included), at
+  the cost of computing ``Q`` and projecting the user rows a second time.
 
 diffusers warns once per layer and call about attention kwargs a processor does not take; the untouched layers
 (SDXL's self-attention, Flux's single-stream blocks) are handed ``USER_KV_KWARG`` too, so a logging filter drops
@@ -48,6 +49,7 @@ __all__ = [
     "UserAttnProcessor",
     "install_user_processors",
     "remove_user_processors",
+    "runs_user_processors",
     "user_processor_layers",
 ]
 
@@ -128,9 +130,14 @@ def _user_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def _through_output_projection(attn: nn.Module, user_out: torch.Tensor) -> torch.Tensor:
-    """``W_out user_out`` (no bias): the user term carried through the layer's output projection."""
+    """The user term carried through the layer's output projection without its bias: ``proj(u) - proj(0)``.
+
+    The projection module itself runs (not its ``weight``), so a LoRA on ``to_out``, a quantized layer or an
+    offload hook act on the user term as on the rest of the attention output.
+    """
     flat = user_out.transpose(1, 2).flatten(2)
-    return F.linear(flat, attn.to_out[0].weight.to(flat.dtype))
+    projection = attn.to_out[0]
+    return projection(flat) - projection(flat.new_zeros(1, 1, flat.shape[-1]))
 
 
 class UserAttnProcessor(_WrappingProcessor):
@@ -295,6 +302,12 @@ def remove_user_processors(model: nn.Module) -> None:
     """Puts back the processor each user processor of ``model`` wraps."""
     for _, module in user_processor_layers(model):
         module.set_processor(module.processor.base)
+
+
+def runs_user_processors(layers: list[nn.Module]) -> bool:
+    """Whether every one of ``layers`` (attention modules) still runs a user processor: diffusers methods such as
+    ``set_attn_processor`` or ``load_ip_adapter`` replace processors, and so does another model's ``detach``."""
+    return all(isinstance(getattr(layer, "processor", None), _WrappingProcessor) for layer in layers)
 
 
 def user_processor_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -180,11 +180,11 @@ class PPDTrainingArguments:
             "Weight of each timestep in the loss (the objective's `loss_weight`; `min_snr`: Stable Cascade and SDXL)."
         ),
     )
-    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = field(
+    weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap"] = field(
         default="none",
         metadata=_help(
-            "Flux only: how sigma is drawn (`none`: uniform, `logit_normal`, `mode`) or weighted (`sigma_sqrt`, "
-            "`cosmap`), as diffusers' Flux training scripts (see `FluxObjective`)."
+            "Flux only: how sigma is drawn (`none`: uniform, `logit_normal`, `mode`) or weighted (`cosmap`), as "
+            "diffusers' Flux training scripts (see `FluxObjective`; their `sigma_sqrt` would saturate the DPO loss)."
         ),
     )
     logit_mean: float = field(default=0.0, metadata=_help("Flux only: mean of the `logit_normal` scheme."))

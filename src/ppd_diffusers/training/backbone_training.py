@@ -227,8 +227,10 @@ class _VAETraining(BackboneTraining):
 
     def _load_pipeline(self, load_decoder: bool) -> Any:
         args = self.args
+        from ..loaders import diffusers_dtype_kwargs
+
         pipe = self._pipeline_class().from_pretrained(
-            args.pretrained_model_name_or_path, torch_dtype=self.weight_dtype, variant=args.variant,
+            args.pretrained_model_name_or_path, **diffusers_dtype_kwargs(self.weight_dtype), variant=args.variant,
             revision=args.revision,
         )  # fmt: skip
         multiple = pipe.vae_scale_factor * self.latent_multiple

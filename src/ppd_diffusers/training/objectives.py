@@ -42,7 +42,7 @@ SDXL_TRAINING_SCHEDULE: dict[str, Any] = dict(
 FLUX_TRAINING_SCHEDULE: dict[str, Any] = dict(
     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
 )
-FLOW_WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+FLOW_WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap")
 
 
 def _rng_device(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device | str | None:
@@ -248,8 +248,10 @@ class FluxObjective(DPOObjective):
     Args:
         scheduler: The base model's scheduler (``pipe.scheduler``) or its config; by default FLUX.1-dev's.
         weighting_scheme: ``"none"`` (uniform ``sigma``), ``"logit_normal"`` or ``"mode"`` (denser sampling of
-            some ``sigma``), or ``"sigma_sqrt"``/``"cosmap"`` (uniform sampling, the loss weighted by
-            ``compute_loss_weighting_for_sd3``: here a per-pair factor on beta). The SD3 paper's names.
+            some ``sigma``), or ``"cosmap"`` (uniform sampling, the loss weighted by
+            ``compute_loss_weighting_for_sd3``: here a per-pair factor on beta, between 0.64 and 1.27). The SD3
+            paper's names. ``"sigma_sqrt"`` is refused: its weight ``sigma^-2`` reaches 10^6 at FLUX.1's smallest
+            ``sigma``, and multiplying beta by it saturates the log-sigmoid of DPO (no gradient, or a huge one).
         logit_mean: Mean of ``"logit_normal"``.
         logit_std: Standard deviation of ``"logit_normal"``.
         mode_scale: Scale of ``"mode"``.
@@ -271,7 +273,7 @@ class FluxObjective(DPOObjective):
     def __init__(
         self,
         scheduler: Any = None,
-        weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = "none",
+        weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap"] = "none",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
@@ -279,6 +281,11 @@ class FluxObjective(DPOObjective):
     ):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        if weighting_scheme == "sigma_sqrt":
+            raise ValueError(
+                "`weighting_scheme='sigma_sqrt'` weighs pairs by sigma^-2 (up to 10^6 on FLUX.1's grid), which "
+                "saturates the DPO loss: use `none`, `logit_normal`, `mode` or `cosmap`."
+            )
         if weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
             raise ValueError(f"`weighting_scheme` must be one of {FLOW_WEIGHTING_SCHEMES}, got {weighting_scheme!r}.")
         config = FLUX_TRAINING_SCHEDULE if scheduler is None else getattr(scheduler, "config", scheduler)
@@ -335,7 +342,7 @@ class FluxObjective(DPOObjective):
 
     def loss_weight(self, timesteps, kind="constant"):
         """``"constant"`` only (Min-SNR is an epsilon/v weighting): 1, or the ``weighting_scheme``'s
-        ``compute_loss_weighting_for_sd3`` weight for ``"sigma_sqrt"``/``"cosmap"``."""
+        ``compute_loss_weighting_for_sd3`` weight for ``"cosmap"``."""
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         if kind != "constant":
