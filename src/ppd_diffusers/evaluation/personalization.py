@@ -113,6 +113,9 @@ def evaluate_personalization(
     output_dir = Path(output_dir)
     store = RecordStore(output_dir, state.process_index)
     done = store.load()
+    # every process reads the same records before any writes: one that read after another's first record would
+    # deal the users out differently and leave some to nobody
+    state.wait_for_everyone()
     planned = {record_key(user.user_id, i) for user in users for i in range(len(user.prompts))}
     # users with work left are dealt out after the finished ones are set aside, so a resumed run (or one with
     # another number of processes) keeps every process busy rather than some waiting at the barrier
