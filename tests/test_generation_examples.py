@@ -49,6 +49,7 @@ def run(script: str, *args: str) -> str:
     return result.stderr
 
 
+@pytest.mark.slow  # a minute or more of CPU: CI runs it with `pytest -m slow`
 def test_generate_writes_images_and_reusable_user_embeds(saved_pipeline, tmp_path):
     pairs = write_pairs(tmp_path / "alice", seed=1)
     out = tmp_path / "out"

@@ -295,6 +295,7 @@ def test_script_trains_and_the_pipeline_loads_the_adapter(repos, tmp_path):
     assert (personalized - base)[0].mean() > 0 > (personalized - base)[1].mean()
 
 
+@pytest.mark.slow  # a minute or more of CPU: CI runs it with `pytest -m slow`
 def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(repos, tmp_path):
     from diffusers import StableCascadeUNet
 
@@ -456,6 +457,7 @@ def test_bf16_and_a_subset_of_the_pairs(repos, tmp_path):
     assert {v.dtype for v in saved.values()} == {torch.float32}  # the adapter trains (and is saved) in fp32
 
 
+@pytest.mark.slow  # a minute or more of CPU: CI runs it with `pytest -m slow`
 def test_torch_compile_trains_the_same_weights(repos, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     _run(_args(repos, eager, max_train_steps=3, gradient_checkpointing=True))
