@@ -1,11 +1,20 @@
 """The testbed's quick mode, run as a user runs it, on a seed never used while tuning the testbed.
 
-One ``ppd-diffusers testbed --quick --seed 7`` run (about 5 minutes on 2 CPU cores). Seeds 0-2 and 5 were
-used while tuning (docs/guides/testbed.md says which and how); the claims below were fixed from seed 0
-before seed 7 was first run. Two more were fixed then and **failed on seed 7**, so they are not asserted:
-held-out mixture users' 95 % interval above 50 % and their win rate above pooled DPO's (seed 7, quick mode:
-57 %, interval 47-67 %, against pooled DPO's 58 %; the full mode on seed 7 gives 65 %, 56-75 %, against 51 %).
-What remains is far below the issue's targets (see the guide's diagnosis).
+One ``ppd-diffusers testbed --quick --seed 17`` run (about 6 minutes on 2 CPU cores). Seeds 0-5, 7, 11 and 13
+were used while tuning or seen before the configuration was fixed (docs/guides/testbed.md says which and how).
+The claims were written before seed 17 was first run, from what the tuning seeds supported:
+- every reward whose bound moves at least +0.5 SD is moved the right way by PPD;
+- the brightness reward-user gains more than +0.5 SD;
+- the reward-users' images keep the prompt's colour at least half of the time;
+- held-out mixture users win above chance and above pooled DPO.
+
+Not asserted, because the last tuning runs already fell short:
+- PPD above pooled DPO on every reward. On seed 13, saturation reached +0.76 against pooled DPO's +1.02 and
+  warmth +0.51 against +0.94.
+- The issue's other quick-mode targets. On seed 11, saturation reached 34 % of its bound against a target of
+  60 %, and warmth was not monotone along the interpolation.
+
+The guide's results section has seed 17's numbers against every target.
 """
 
 from __future__ import annotations
@@ -16,9 +25,9 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow  # one quick testbed run: ~5 minutes
+pytestmark = pytest.mark.slow  # one quick testbed run: ~6 minutes
 
-UNTUNED_SEED = 7
+UNTUNED_SEED = 17
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +47,24 @@ def test_multi_reward_ppd_moves_every_learnable_reward_its_users_way(quick_repor
             assert row["ppd"] > row["base"], (name, row)
 
 
+def test_reward_users_images_keep_the_prompts_colour(quick_report):
+    report, _ = quick_report
+    colour = report["multi_reward"]["prompt_colour"]
+    assert colour["base"] >= 0.9, colour
+    assert all(colour[name] >= 0.5 for name in report["multi_reward"]["per_reward"]), colour
+
+
 def test_the_brightness_reward_user_is_served_beyond_the_base(quick_report):
     report, _ = quick_report
     brightness = report["multi_reward"]["per_reward"]["brightness"]
-    assert brightness["ppd"] > brightness["base"] + 0.5, brightness  # seed 7: +2.36 against +0.06
+    assert brightness["ppd"] > brightness["base"] + 0.5, brightness
+
+
+def test_heldout_users_from_4_pairs_win_above_chance_and_above_pooled_dpo(quick_report):
+    report, _ = quick_report
+    heldout, pooled = report["mixtures"]["heldout_users"], report["mixtures"]["heldout_pooled_dpo"]
+    assert heldout["win_rate_ci95"][0] > 0.5, heldout
+    assert heldout["win_rate_mean"] > pooled["win_rate_mean"], (heldout, pooled)
 
 
 def test_quick_report_is_complete(quick_report):

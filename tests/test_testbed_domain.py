@@ -89,3 +89,13 @@ def test_scaler_and_users():
 
 def test_to_pixels():
     assert torch.equal(to_pixels(torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+
+
+def test_prompt_colour_hits_reads_the_objects_colour_and_misses_a_frame_without_one():
+    from ppd_diffusers.testbed.evaluate import prompt_colour_hits
+
+    red, blue = render(scene()), render(scene(color="blue", shape="square"))
+    filled = np.full((3, 16, 16), 0.5, dtype=np.float32)  # the object painted over: nothing stands out
+    images = torch.from_numpy(np.stack([red, blue, filled]))
+    assert prompt_colour_hits(images, ["a red circle", "a blue square", "a red circle"]) == pytest.approx(2 / 3)
+    assert prompt_colour_hits(images[:2], ["a blue circle", "a red square"]) == 0.0

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from ppd_diffusers.testbed.evaluate import bootstrap_ci, identification_probe, win_rates
 from ppd_diffusers.testbed.loop import PairPool, user_pairs
 from ppd_diffusers.testbed.report import interpolation_figure, multi_reward_figure
 from ppd_diffusers.testbed.rewards import RewardScaler, SyntheticUser, random_users
+from ppd_diffusers.testbed.training import StratifiedStageCObjective, _ema_update
 
 
 def fake_pool(prompts: int = 3, per_prompt: int = 5, seed: int = 0) -> PairPool:
@@ -77,3 +79,39 @@ def test_figures_have_titled_axes_and_a_legend():
     (axes,) = multi_reward_figure(multi).axes
     assert [t.get_text() for t in axes.get_xticklabels()] == ["brightness", "warmth"]
     assert len(axes.patches) == 8  # 4 methods x 2 rewards
+
+
+def test_tie_margin_drops_pairs_the_user_scores_alike_and_fails_clearly_when_none_differ():
+    pool = fake_pool(per_prompt=8)
+    user = random_users(1, np.random.default_rng(0))[0]
+    pairs = user_pairs(pool, user, 100, np.random.default_rng(1), tie_margin=1.0)
+    gap = user.score(pool.standardized[pairs.chosen]) - user.score(pool.standardized[pairs.rejected])
+    scores = user.score(pool.standardized).view(3, 8)  # 3 prompts of 8 images
+    within = (scores - scores.mean(1, keepdim=True)).std()  # the margin's unit: the spread within a prompt
+    assert len(pairs.chosen) == 100 and torch.all(gap > within) and gap.min() < 1.5 * within
+    assert np.all(pool.prompt_index[pairs.chosen] == pool.prompt_index[pairs.rejected])
+    # without a margin the same generator draws the pairs it always drew, ties included
+    plain = user_pairs(pool, user, 100, np.random.default_rng(1))
+    plain_gap = user.score(pool.standardized[plain.chosen]) - user.score(pool.standardized[plain.rejected])
+    assert (plain_gap <= within).any()
+    flat = SyntheticUser("flat", (0.0, 0.0, 0.0, 0.0))  # scores every image alike: every pair is a tie
+    with pytest.raises(ValueError, match="tie_margin"):
+        user_pairs(pool, flat, 10, np.random.default_rng(0), tie_margin=0.5)
+
+
+def test_stratified_timesteps_put_one_draw_in_each_stratum():
+    t = StratifiedStageCObjective().sample_timesteps(16, generator=torch.Generator().manual_seed(0))
+    assert t.shape == (16,) and torch.equal(torch.sort((t * 16).floor()).values, torch.arange(16.0))
+    assert not torch.equal((t * 16).floor(), torch.arange(16.0))  # in random order across the pairs
+
+
+def test_ema_update_warms_up_then_averages():
+    adapter = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(adapter.weight)
+    averaged = [adapter.weight.detach().clone()]
+    with torch.no_grad():
+        adapter.weight.fill_(1.0)
+    _ema_update(averaged, adapter, decay=0.9, step=0)  # warm-up rate (1 + 0) / (10 + 0) = 0.1
+    assert averaged[0].item() == pytest.approx(0.9)
+    _ema_update(averaged, adapter, decay=0.9, step=1000)  # the decay itself
+    assert averaged[0].item() == pytest.approx(0.9 + (1 - 0.9) * (1.0 - 0.9))

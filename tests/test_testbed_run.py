@@ -40,6 +40,8 @@ def test_micro_run_writes_the_report_and_seeds_reproduce(tmp_path):
         gain = row["single_reward_dpo"] - row["base"]
         if gain > 0:
             assert row["share_of_bound"] == pytest.approx((row["ppd"] - row["base"]) / gain)
+    colour = saved["multi_reward"]["prompt_colour"]
+    assert set(colour) == {"base", *table} and all(0 <= v <= 1 for v in colour.values())
     mixtures = saved["mixtures"]
     assert len(mixtures["heldout_users"]["win_rates"]) == 2
     assert set(mixtures["single_reward_users"]) == set(table)
@@ -81,6 +83,7 @@ def test_cli_refuses_bad_arguments_before_any_compute(tmp_path):
     blocked.write_text("not a folder")
     cases = [
         (["testbed", "--quick", "--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+        (["testbed", "--quick", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
         (["testbed", "--quick", "--out", str(blocked / "report")], "--out"),
         (["train-testbed-base", "--output", str(tmp_path / "b"), "--batch_size", "0"], "must be at least 1, got 0"),
         (["train-testbed-encoder", "--output", str(tmp_path / "e"), "--steps", "x"], "expected an integer, got 'x'"),
@@ -94,3 +97,27 @@ def test_cli_refuses_bad_arguments_before_any_compute(tmp_path):
             [*CLI, "testbed", "--out", str(blocked / "r")], capture_output=True, text=True, timeout=600
         ).stderr
     )
+
+
+def test_adapters_trained_side_by_side_equal_those_trained_one_at_a_time():
+    import numpy as np
+    import torch
+
+    from ppd_diffusers.testbed.loop import make_pool, user_pairs
+    from ppd_diffusers.testbed.rewards import single_reward_users
+    from ppd_diffusers.testbed.training import TrainingJob, train_adapters
+
+    config = replace(TestbedConfig.quick(), **MICRO, tie_margin=0.5, stratified_timesteps=True, ema_decay=0.5)
+    pipe = load_base_pipeline()
+    pool = make_pool(pipe, config)
+    users = single_reward_users()[:2]
+    training = [user_pairs(pool, u, 6, np.random.default_rng(0), config.tie_margin) for u in users]
+    embeds = torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(0))
+    jobs = [TrainingJob(training, embeds, "ppd"), TrainingJob(training[:1], embeds[:1], "bound")]
+    here = train_adapters(pipe, pool, jobs, 8, replace(config, workers=1), steps=3)
+    workers = train_adapters(pipe, pool, jobs, 8, replace(config, workers=2), steps=3)
+    for a, b in zip(here, workers, strict=True):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(x, y), name
+    assert not torch.equal(here[0].to_v_user[0].weight, here[1].to_v_user[0].weight)  # the jobs differ
+    assert here[0].to_v_user[0].weight.abs().sum() > 0  # V' starts at zero: trained

@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     testbed.add_argument("--seed", type=_count(0), default=0)
     testbed.add_argument("--base_model", help="a base-model pipeline folder (default: the shipped one)")
     testbed.add_argument("--encoder", help="a CLIP checkpoint folder for the preference encoder (default: shipped)")
+    testbed.add_argument(
+        "--workers", type=_count(1), default=2, help="adapters trained at once, one core each (the report is the same)"
+    )
     base = commands.add_parser("train-testbed-base", help="train the testbed's base model from scratch")
     base.add_argument("--output", required=True, help="pipeline folder to write")
     base.add_argument("--steps", type=_count(1), default=4000)
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         from .testbed.run import run_testbed
 
         config = TestbedConfig.quick(args.seed) if args.quick else TestbedConfig.full(args.seed)
+        config.workers = args.workers
         report = run_testbed(config, args.out, base_model=args.base_model, encoder=args.encoder)
         print((Path(args.out) / "report.md").read_text())  # the command's output is the report
         logging.getLogger("ppd_diffusers").info("report written to %s (%.0f s)", args.out, report["seconds"])

@@ -10,14 +10,17 @@ from .loop import TestbedConfig
 from .rewards import REWARDS, RewardScaler, SyntheticUser, random_users, single_reward_users
 from .run import run_testbed
 from .scheduler import ClippedDDPMWuerstchenScheduler
+from .training import StratifiedStageCObjective, TrainingJob, train_adapters
 
 __all__ = [
     "REWARDS",
     "ClippedDDPMWuerstchenScheduler",
     "MultiRewardModels",
     "RewardScaler",
+    "StratifiedStageCObjective",
     "SyntheticUser",
     "TestbedConfig",
+    "TrainingJob",
     "describe",
     "interpolation",
     "load_base_pipeline",
@@ -26,6 +29,7 @@ __all__ = [
     "random_users",
     "run_testbed",
     "single_reward_users",
+    "train_adapters",
     "train_base_model",
     "train_testbed_encoder",
 ]

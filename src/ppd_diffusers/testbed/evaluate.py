@@ -17,6 +17,8 @@ __all__ = [
     "encode_profiles",
     "identification_probe",
     "object_hue",
+    "prompt_colour_hits",
+    "sample_prompts",
     "sample_users",
     "standardized_rewards",
     "win_rates",
@@ -40,14 +42,18 @@ def sample_users(
     ``user_embeds`` is None), with the same prompts and seeds for every user; ``samples`` defaults to
     ``config.eval_samples_per_user`` and is spread evenly over the prompts."""
     samples = config.eval_samples_per_user if samples is None else samples
-    prompt_count = len(config.prompts)
-    per_user = [config.prompts[i * prompt_count // samples] for i in range(samples)]
+    per_user = sample_prompts(config, samples)
     seeds = [10_000_019 * (config.seed + 1) + salt + i for i in range(samples)]
     count = 1 if user_embeds is None else user_embeds.shape[0]
     prompt_list, seed_list = per_user * count, seeds * count
     rows = None if user_embeds is None else user_embeds.repeat_interleave(len(per_user), dim=0)
     latents = generate(pipe, prompt_list, seed_list, config, user_embeds=rows)
     return latents.view(count, len(per_user), *latents.shape[1:])
+
+
+def sample_prompts(config: TestbedConfig, samples: int) -> list[str]:
+    """The prompts of ``sample_users``' ``samples`` images per user, spread evenly over the prompts."""
+    return [config.prompts[i * len(config.prompts) // samples] for i in range(samples)]
 
 
 def standardized_rewards(pool: PairPool, latents: torch.Tensor) -> torch.Tensor:
@@ -114,11 +120,9 @@ def object_hue(image: torch.Tensor, threshold: float = 0.3) -> float | None:
     return colorsys.rgb_to_hls(*image[:, mask].mean(1).tolist())[0]
 
 
-def color_accuracy(pipe, samples_per_prompt: int = 8, steps: int = 16, guidance_scale: float = 3.0) -> float:
-    """How often the base model draws the prompt's colour: the object's hue is nearest to the named one."""
-    texts = [p for p in prompts() for _ in range(samples_per_prompt)]
-    config = TestbedConfig(sample_steps=steps, guidance_scale=guidance_scale)
-    images = to_pixels(generate(pipe, texts, list(range(len(texts))), config))
+def prompt_colour_hits(images: torch.Tensor, texts: list[str]) -> float:
+    """Fraction of images ``(batch, 3, H, W)`` in [0, 1] whose object's hue is nearest to the colour their
+    prompt names (an image without a visible object is a miss)."""
     names, hues = list(COLORS), np.array(list(COLORS.values()))
     hits = 0
     for text, image in zip(texts, images, strict=True):
@@ -126,3 +130,10 @@ def color_accuracy(pipe, samples_per_prompt: int = 8, steps: int = 16, guidance_
         if hue is not None:
             hits += names[int(np.abs((hues - hue + 0.5) % 1 - 0.5).argmin())] == text.split()[1]
     return hits / len(texts)
+
+
+def color_accuracy(pipe, samples_per_prompt: int = 8, steps: int = 16, guidance_scale: float = 3.0) -> float:
+    """How often the base model draws the prompt's colour: the object's hue is nearest to the named one."""
+    texts = [p for p in prompts() for _ in range(samples_per_prompt)]
+    config = TestbedConfig(sample_steps=steps, guidance_scale=guidance_scale)
+    return prompt_colour_hits(to_pixels(generate(pipe, texts, list(range(len(texts))), config)), texts)

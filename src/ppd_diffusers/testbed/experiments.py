@@ -16,9 +16,19 @@ import numpy as np
 import torch
 
 from ..adapter import UserAdapter
-from .evaluate import bootstrap_ci, encode_profiles, sample_users, standardized_rewards, win_rates
-from .loop import PairPool, TestbedConfig, train_adapter, user_pairs
+from .evaluate import (
+    bootstrap_ci,
+    encode_profiles,
+    prompt_colour_hits,
+    sample_prompts,
+    sample_users,
+    standardized_rewards,
+    win_rates,
+)
+from .loop import PairPool, TestbedConfig, user_pairs
 from .rewards import REWARDS, SyntheticUser, random_users, single_reward_users
+from .shapes import to_pixels
+from .training import TrainingJob, train_adapters
 
 __all__ = ["DOMINANT_WEIGHT", "MultiRewardModels", "interpolation", "mixture_experiment", "multi_reward_experiment"]
 
@@ -32,18 +42,14 @@ def _no_user(embeds: torch.Tensor, rows: int = 1) -> torch.Tensor:
 
 
 def _draw(pool: PairPool, users: list[SyntheticUser], count: int, config: TestbedConfig, rng: np.random.Generator):
-    drawn = [user_pairs(pool, u, config.profile_pairs + count, rng) for u in users]
+    drawn = [user_pairs(pool, u, config.profile_pairs + count, rng, config.tie_margin) for u in users]
     return [d.split(config.profile_pairs)[0] for d in drawn], [d.split(config.profile_pairs)[1] for d in drawn]
 
 
-def _train_ppd_and_pooled(pipe, pool, training, embeds, encoder, config, name: str, steps: int):
-    """PPD on the users' own embeddings and pooled DPO (one constant embedding), same pairs and steps."""
-    ppd = train_adapter(pipe, pool, training, embeds, encoder.embed_dim, config, f"{name} PPD", steps)
-    constant = _no_user(embeds)
-    pooled = train_adapter(
-        pipe, pool, training, constant.expand(len(training), -1, -1), encoder.embed_dim, config, "pooled DPO", steps
-    )
-    return ppd, pooled, constant
+def _ppd_and_pooled_jobs(training: list, embeds: torch.Tensor, name: str) -> list[TrainingJob]:
+    """PPD on the users' own embeddings and pooled DPO (one constant embedding) on the same pairs."""
+    constant = _no_user(embeds).expand(len(training), -1, -1)
+    return [TrainingJob(training, embeds, f"{name} PPD"), TrainingJob(training, constant, "pooled DPO")]
 
 
 def _win_summary(rates: np.ndarray, seed: int) -> dict:
@@ -84,18 +90,18 @@ def multi_reward_experiment(
     Returns:
         The report section: ``per_reward`` (``base``, ``pooled_dpo``, ``ppd``, ``single_reward_dpo`` and
         ``share_of_bound`` per reward), ``ppd_rewards`` (every reward of each reward-user's PPD images),
-        ``win_rates`` (PPD against the base per reward-user) and the budget; and a ``MultiRewardModels`` with
-        what the interpolation and the sample grids need (not written to the report).
+        ``win_rates`` (PPD against the base per reward-user), ``prompt_colour`` (how often the object still has
+        the prompt's colour, in base images and in each reward-user's PPD images) and the budget; and a
+        ``MultiRewardModels`` with what the interpolation and the sample grids need (not written to the report).
     """
     users = single_reward_users()
     profiles, training = _draw(pool, users, config.reward_user_pairs, config, rng)
     embeds = encode_profiles(encoder, pool, profiles, config)
     steps = config.reward_steps
-    ppd, pooled, constant = _train_ppd_and_pooled(pipe, pool, training, embeds, encoder, config, "multi-reward", steps)
-    bounds = [
-        train_adapter(pipe, pool, [training[k]], constant, encoder.embed_dim, config, f"{u.name} DPO", steps)
-        for k, u in enumerate(users)
-    ]
+    constant = _no_user(embeds)
+    jobs = _ppd_and_pooled_jobs(training, embeds, "multi-reward")
+    jobs += [TrainingJob([training[k]], constant, f"{u.name} DPO") for k, u in enumerate(users)]
+    ppd, pooled, *bounds = train_adapters(pipe, pool, jobs, encoder.embed_dim, config, steps)
 
     samples = config.reward_eval_samples
     base_latents = sample_users(pipe, config, None, samples=samples)
@@ -124,6 +130,9 @@ def multi_reward_experiment(
         row["share_of_bound"] = (row["ppd"] - row["base"]) / bound_gain if bound_gain > 0 else None
         per_reward[name] = row
     wins = win_rates(users, ppd_rewards, base)
+    texts = sample_prompts(config, samples)
+    fidelity = {"base": prompt_colour_hits(to_pixels(base_latents[0]), texts)}
+    fidelity |= {u.name: prompt_colour_hits(to_pixels(ppd_latents[k]), texts) for k, u in enumerate(users)}
     return {
         "steps": steps,
         "pairs_per_step": config.pairs_per_step,
@@ -132,6 +141,7 @@ def multi_reward_experiment(
         "per_reward": per_reward,
         "ppd_rewards": {u.name: ppd_rewards[k].mean(0).tolist() for k, u in enumerate(users)},
         "win_rates": {u.name: float(w) for u, w in zip(users, wins, strict=True)},
+        "prompt_colour": fidelity,
     }, MultiRewardModels(
         adapter=ppd,
         embeds=embeds,
@@ -162,14 +172,14 @@ def mixture_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng
     train_users = singles + random_users(config.num_train_users, rng, "train")
     heldout_users = random_users(config.num_heldout_users, np.random.default_rng(config.seed + 1), "heldout")
     profiles, training = _draw(pool, train_users, config.train_pairs_per_user, config, rng)
-    heldout_profiles = [user_pairs(pool, u, config.profile_pairs, rng) for u in heldout_users]
+    heldout_profiles = [user_pairs(pool, u, config.profile_pairs, rng, config.tie_margin) for u in heldout_users]
     train_embeds = encode_profiles(encoder, pool, profiles, config)
     heldout_embeds = encode_profiles(encoder, pool, heldout_profiles, config)
 
     steps = config.dpo_steps
-    ppd, pooled, constant = _train_ppd_and_pooled(
-        pipe, pool, training, train_embeds, encoder, config, "mixture", steps
-    )
+    constant = _no_user(train_embeds)
+    jobs = _ppd_and_pooled_jobs(training, train_embeds, "mixture")
+    ppd, pooled = train_adapters(pipe, pool, jobs, encoder.embed_dim, config, steps)
 
     evaluated = len(singles) + config.eval_train_users
     base = standardized_rewards(pool, sample_users(pipe, config, None))

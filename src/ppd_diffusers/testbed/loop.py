@@ -16,16 +16,12 @@ from typing import Literal
 import numpy as np
 import PIL.Image
 import torch
-from tqdm.auto import tqdm
 
-from ..adapter import UserAdapter
-from ..loss import PPDLoss
-from ..training.dpo_step import ppd_dpo_step
 from .base_model import IMAGE_SIZE
 from .rewards import RewardScaler, SyntheticUser, reward_matrix
 from .shapes import prompts, to_pixels
 
-__all__ = ["PairPool", "TestbedConfig", "UserPairs", "generate", "make_pool", "train_adapter", "user_pairs"]
+__all__ = ["PairPool", "TestbedConfig", "UserPairs", "generate", "make_pool", "user_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +30,8 @@ logger = logging.getLogger(__name__)
 class TestbedConfig:
     """Sizes and hyperparameters of one testbed run.
 
-    ``quick()`` is the README's configuration (about 5 minutes on 2 CPU cores); ``full()`` has more pairs,
-    steps and evaluation images (about 17 minutes). Every field can be changed with ``dataclasses.replace``;
+    ``quick()`` is the README's configuration (about 6 minutes on 2 CPU cores); ``full()`` has more pairs,
+    steps and evaluation images (about 19 minutes). Every field can be changed with ``dataclasses.replace``;
     the comments beside the fields say why the defaults are what they are, and where they differ from the
     Pick-a-Pic trainer's defaults (see also docs/guides/testbed.md).
 
@@ -51,17 +47,28 @@ class TestbedConfig:
     pool_per_prompt: int = 16
     sample_steps: int = 6
     guidance_scale: float = 3.0
-    # None (the pipeline's default): the user is guided with the prompt; the guide's diagnosis measured 0.5-3
-    user_guidance_scale: float | None = None
+    # pipeline default None (= the prompt's scale, 3): the user term amplified 3x drew noise that games the
+    # rewards on an untuned seed (the guide's diagnosis, step 12); at 1 the images keep their object
+    user_guidance_scale: float | None = 1.0
     profile_pairs: int = 4
+    # pairs the judge scores within this many of its within-prompt standard deviations are ties, dropped as
+    # Diffusion-DPO drops Pick-a-Pic's ties (0 keeps every pair; the guide's diagnosis compares both)
+    tie_margin: float = 1.0
     pairs_per_step: int = 16
     # trainer: 1e-5 for a 768-wide adapter on a 3.6B model over thousands of steps; here a 32-wide adapter
-    # has tens of steps (the guide's diagnosis: 1e-3 left the saturation reward-user below the base)
+    # has tens of steps (the guide's diagnosis: 1e-3 left the saturation reward-user below the base, 6e-3 drew
+    # noise)
     learning_rate: float = 3e-3
     beta: float = 500.0  # trainer: 5000; the guide's diagnosis compares both at this budget
     user_dropout: float = 0.0  # as the trainer: the null user is the adapter off, a dropped pair teaches nothing
     # trainer: constant. Min-SNR damps the low-noise steps, where pairs differ only in noise-like detail
     timestep_weighting: Literal["constant", "min_snr"] = "min_snr"
+    # one timestep per stratum of [0, 1) across a step's pairs instead of independent draws: less gradient noise
+    stratified_timesteps: bool = True
+    # evaluate an exponential moving average of the adapter's weights (0: the last step's weights)
+    ema_decay: float = 0.9
+    # adapters trained side by side, each single-threaded (see testbed/training.py; results do not depend on it)
+    workers: int = 2
     num_user_tokens: int = 2  # trainer: 4 tokens of 768; a 64-channel UNet needs far less
     user_token_dim: int = 32
     # the multi-reward experiment: each reward one user; PPD, pooled DPO and each bound get `reward_steps`
@@ -70,10 +77,10 @@ class TestbedConfig:
     reward_eval_samples: int = 24  # per reward-user, spread over the prompts
     # the mixture experiment: many users, few pairs each (the adapter must generalize across embeddings)
     num_train_users: int = 192
-    num_heldout_users: int = 32
+    num_heldout_users: int = 48
     train_pairs_per_user: int = 8
     dpo_steps: int = 100  # PPD and pooled DPO alike
-    eval_samples_per_user: int = 4  # spread evenly over the prompts; many users, few images: the CI is over users
+    eval_samples_per_user: int = 8  # spread evenly over the prompts; many users, few images: the CI is over users
     eval_train_users: int = 12  # random training users evaluated besides the single-reward ones
     probe_users: int = 48
     probe_draws: int = 4
@@ -91,6 +98,10 @@ class TestbedConfig:
             reward_eval_samples=48, num_train_users=384, num_heldout_users=48, train_pairs_per_user=16,
             dpo_steps=300, eval_samples_per_user=12, eval_train_users=28, probe_users=96, interpolation_weights=7,
         )  # fmt: skip
+
+
+# candidate batches `user_pairs` draws before it gives up on finding enough pairs that are not ties
+_MAX_DRAWS = 50
 
 
 def generate(
@@ -160,62 +171,39 @@ class UserPairs:
         )
 
 
-def user_pairs(pool: PairPool, user: SyntheticUser, count: int, rng: np.random.Generator) -> UserPairs:
-    """``count`` random same-prompt pairs from the pool, labelled by the user's judge."""
+def user_pairs(
+    pool: PairPool, user: SyntheticUser, count: int, rng: np.random.Generator, tie_margin: float = 0.0
+) -> UserPairs:
+    """``count`` random same-prompt pairs from the pool, labelled by the user's judge.
+
+    Pairs whose two images the user scores within ``tie_margin`` standard deviations of each other are ties
+    and are not kept (Pick-a-Pic records ties, and Diffusion-DPO drops them): they tell the encoder and the DPO
+    step almost nothing about the taste. The deviation is the spread of the user's score within a prompt,
+    which is what a same-prompt pair can differ by (a margin of 1 leaves about half of the pairs, whatever
+    the taste). Candidates are drawn until ``count`` pairs are not ties.
+    """
     per_prompt = np.bincount(pool.prompt_index)
-    prompt = rng.integers(0, len(per_prompt), count)
-    starts = np.concatenate([[0], np.cumsum(per_prompt)[:-1]])[prompt]
-    a = starts + rng.integers(0, per_prompt[prompt])
-    b = starts + (a - starts + rng.integers(1, per_prompt[prompt])) % per_prompt[prompt]
+    starts_of = np.concatenate([[0], np.cumsum(per_prompt)[:-1]])
+    scores = user.score(pool.standardized)
+    prompt_means = torch.from_numpy(np.bincount(pool.prompt_index, scores.numpy()) / per_prompt).to(scores.dtype)
+    threshold = tie_margin * (scores - prompt_means[pool.prompt_index]).std().item()
+    kept_a, kept_b, kept = [], [], 0
+    for _ in range(_MAX_DRAWS):
+        prompt = rng.integers(0, len(per_prompt), count)
+        starts = starts_of[prompt]
+        a = starts + rng.integers(0, per_prompt[prompt])
+        b = starts + (a - starts + rng.integers(1, per_prompt[prompt])) % per_prompt[prompt]
+        clear = ((scores[a] - scores[b]).abs() > threshold).numpy() if tie_margin > 0 else np.ones(count, bool)
+        kept_a.append(a[clear])
+        kept_b.append(b[clear])
+        kept += int(clear.sum())
+        if kept >= count:
+            break
+    else:
+        raise ValueError(
+            f"user {user.name!r}: fewer than {count} of {_MAX_DRAWS * count} random pairs are not ties (a score "
+            f"difference above {threshold:.3g}); lower tie_margin or grow the pool"
+        )
+    a, b = np.concatenate(kept_a)[:count], np.concatenate(kept_b)[:count]
     first = user.prefers_first(pool.standardized[a], pool.standardized[b]).numpy()
     return UserPairs(user, np.where(first, a, b), np.where(first, b, a))
-
-
-def train_adapter(
-    pipe,
-    pool: PairPool,
-    training: list[UserPairs],
-    user_embeds: torch.Tensor,
-    embed_dim: int,
-    config: TestbedConfig,
-    desc: str,
-    steps: int | None = None,
-) -> UserAdapter:
-    """One ``UserAdapter`` trained with ``ppd_dpo_step`` on the pairs of all given users.
-
-    ``user_embeds`` holds one embedding per entry of ``training`` (a constant one gives user-less DPO).
-    """
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    adapter = UserAdapter.from_unet(
-        pipe.prior, embed_dim, num_user_tokens=config.num_user_tokens, user_token_dim=config.user_token_dim
-    )
-    model = adapter.attach(pipe.prior)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    loss_fn = PPDLoss(beta=config.beta)
-    owner = np.concatenate([np.full(len(p.chosen), u) for u, p in enumerate(training)])
-    chosen = np.concatenate([p.chosen for p in training])
-    rejected = np.concatenate([p.rejected for p in training])
-    with torch.no_grad():
-        hidden, pooled = pipe.encode_prompt(config.prompts, pipe.prior.device)
-    rng = np.random.default_rng(config.seed)
-    for _ in (bar := tqdm(range(steps or config.dpo_steps), desc=desc, leave=False)):
-        batch = rng.integers(0, len(chosen), config.pairs_per_step)
-        prompt = pool.prompt_index[chosen[batch]]
-        out = ppd_dpo_step(
-            model,
-            pool.latents[chosen[batch]],
-            pool.latents[rejected[batch]],
-            pooled[prompt],
-            user_embeds[owner[batch]],
-            clip_text=hidden[prompt],
-            loss_fn=loss_fn,
-            user_dropout=config.user_dropout,
-            timestep_weighting=config.timestep_weighting,
-            generator=generator,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{out.loss.item():.3f}", acc=f"{out.implicit_accuracy.item():.2f}")
-    return adapter.eval()

@@ -115,6 +115,14 @@ def markdown(report: dict) -> str:
             f"| {name} | {row['base']:+.2f} | {row['pooled_dpo']:+.2f} | {row['ppd']:+.2f} | "
             f"{row['single_reward_dpo']:+.2f} | {share} | {multi['win_rates'][name]:.0%} |"
         )
+    colour = multi["prompt_colour"]
+    lines += [
+        "",
+        "Prompt fidelity (reward hacking shows here): the object has the prompt's colour in "
+        f"{colour['base']:.0%} of base images; PPD images of the "
+        + ", ".join(f"{name} user {colour[name]:.0%}" for name in multi["per_reward"])
+        + ".",
+    ]
     path = report["interpolation"]
     first, second = path["users"]
     monotone = ", ".join(f"{k} {'monotone' if v else 'not monotone'}" for k, v in path["monotone"].items())

@@ -88,7 +88,11 @@ def _probe(encoder, pool, config: TestbedConfig) -> dict:
     """User identification from frozen embeddings (and from the true reward differences, an oracle)."""
     rng = np.random.default_rng(config.seed + 2)
     users = random_users(config.probe_users, rng, "probe")
-    draws = [user_pairs(pool, u, config.profile_pairs, rng) for u in users for _ in range(config.probe_draws)]
+    draws = [
+        user_pairs(pool, u, config.profile_pairs, rng, config.tie_margin)
+        for u in users
+        for _ in range(config.probe_draws)
+    ]
     embeds = encode_profiles(encoder, pool, draws, config).flatten(1)
     oracle = torch.stack([(pool.standardized[d.chosen] - pool.standardized[d.rejected]).flatten() for d in draws])
     return {
