@@ -114,8 +114,14 @@ def test_adapters_trained_side_by_side_equal_those_trained_one_at_a_time():
     training = [user_pairs(pool, u, 6, np.random.default_rng(0), config.tie_margin) for u in users]
     embeds = torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(0))
     jobs = [TrainingJob(training, embeds, "ppd"), TrainingJob(training[:1], embeds[:1], "bound")]
+    threads = torch.get_num_threads()
     here = train_adapters(pipe, pool, jobs, 8, replace(config, workers=1), steps=3)
     workers = train_adapters(pipe, pool, jobs, 8, replace(config, workers=2), steps=3)
+    assert torch.get_num_threads() == threads  # each training ran single-threaded; the caller's count is back
+    broken = TrainingJob(training, embeds[:1], "one embedding for two users")  # fails inside its thread
+    with pytest.raises(IndexError):
+        train_adapters(pipe, pool, [broken, *jobs], 8, config, steps=3)
+    assert torch.get_num_threads() == threads
     for a, b in zip(here, workers, strict=True):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(x, y), name

@@ -72,7 +72,8 @@ def run_testbed(
     phase_done("mixtures")
 
     report = {
-        "config": {k: v for k, v in vars(config).items() if k != "prompts"},
+        # `workers` changes how long the run takes, not what it finds: the report leaves it out
+        "config": {k: v for k, v in vars(config).items() if k not in ("prompts", "workers")},
         "multi_reward": multi,
         "mixtures": mixture,
         "identification_probe": probe,
