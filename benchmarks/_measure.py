@@ -51,6 +51,25 @@ def _nothing() -> None:
     pass
 
 
+def cuda_graph_replay(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph (after ``warmup`` calls on a side stream); returns its ``replay``.
+
+    Replaying a graph launches the captured kernels without running the Python that issued them, so its time is the
+    GPU's alone: what a step costs once the host's launch overhead is gone (CUDA graphs, ``torch.compile``'s
+    ``reduce-overhead``). The inputs and outputs are the captured tensors: only for timing.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Builds modules directly in ``dtype`` (no transient fp32 copy), like ``from_pretrained(torch_dtype=...)``."""

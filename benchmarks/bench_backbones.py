@@ -11,6 +11,11 @@ variants of one denoising step run on the same inputs, interleaved, median of ``
 - ``user_guidance_layout`` (SDXL only): a user on the conditional half of a classifier-free-guidance batch, the
   negative half running the base attention. Flux-dev is guidance-distilled: one row per image, no negative half.
 
+Eager calls pay the host's Python and kernel launches, which at small batches can take longer than the GPU's work
+(the SDXL step at batch 2 on an H200 does: its eager time is the host's). ``--cuda-graphs`` adds a row per batch
+size with every variant captured once in a CUDA graph and replayed: the GPU time alone, which is what a step costs
+under CUDA graphs or ``torch.compile(mode="reduce-overhead")``.
+
 The plain and personalized variants share one model: the user processors are removed or installed again
 (untimed) before each call. Ratios are against ``plain`` measured in the same process; on a GPU each variant's
 peak memory is ``torch.cuda.max_memory_allocated`` over one call.
@@ -26,6 +31,8 @@ latent tokens, 512 T5 tokens), random weights built directly on the GPU in bf16;
 from an 896-wide embedding. ``--tiny``: small SDXL- and Flux-shaped models on the CPU in fp32, one thread.
 
     python benchmarks/bench_backbones.py --output benchmarks/results/backbones_h200.json      # GPU, a few minutes
+    python benchmarks/bench_backbones.py --backbones sdxl --dpo-pairs 0 --cuda-graphs \
+        --output benchmarks/results/backbones_sdxl_cuda_graphs_h200.json                    # GPU, ~1 minute
     python benchmarks/bench_backbones.py --tiny --output benchmarks/results/backbones_tiny.json  # CPU, ~30 s
 """
 
@@ -40,7 +47,7 @@ from functools import partial
 from importlib.metadata import version
 
 import torch
-from _measure import default_dtype, hardware, interleaved_median, sync, write_results
+from _measure import cuda_graph_replay, default_dtype, hardware, interleaved_median, sync, write_results
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
 from ppd_diffusers import UserAdapter
@@ -189,7 +196,8 @@ def step_functions(backbone: str, model_p, setting: dict, args, batch: int) -> t
 
 
 def time_steps(backbone: str, model: torch.nn.Module, adapter: UserAdapter, setting: dict, args) -> list[dict]:
-    """One row per batch size: each variant's median step, its ratio against ``plain`` and (GPU) its peak."""
+    """One row per batch size: each variant's median step, its ratio against ``plain`` and (GPU) its peak; with
+    ``--cuda-graphs`` a second row per batch size times the same variants replayed as CUDA graphs."""
     cuda, rows = args.device.startswith("cuda"), []
     model_p = adapter.attach(model)
     try:
@@ -198,15 +206,35 @@ def time_steps(backbone: str, model: torch.nn.Module, adapter: UserAdapter, sett
             with torch.no_grad():
                 seconds = interleaved_median(fns, args.device, args.rounds, args.warmup, setups)
                 peaks = {name: peak_bytes(fn, setups[name], args.device) for name, fn in fns.items()} if cuda else None
-            row = {"backbone": backbone, "batch": batch}
-            row.update({f"{name}_ms": 1e3 * s for name, s in seconds.items()})
-            row.update({f"ratio_{name}": s / seconds["plain"] for name, s in seconds.items() if name != "plain"})
-            row["peak_bytes"] = peaks
-            rows.append(row)
-            log(row)
+            rows.append(step_row(backbone, batch, "eager", seconds, peaks))
+            if args.cuda_graphs:
+                rows.append(step_row(backbone, batch, "cuda_graph", time_graph_replays(fns, setups, args), None))
     finally:
         model_p.detach()
     return rows
+
+
+def time_graph_replays(fns: dict, setups: dict, args) -> dict:
+    """Median seconds of each variant captured in a CUDA graph (with its processors installed) and replayed,
+    interleaved: the GPU time of the step alone, without the Python and kernel launches of an eager call."""
+    replays = {}
+    with torch.no_grad():
+        for name, fn in fns.items():
+            setups[name]()
+            replays[name] = cuda_graph_replay(fn)
+        seconds = interleaved_median(replays, args.device, args.rounds, args.warmup)
+    del replays  # frees the graphs' memory pools
+    free()
+    return seconds
+
+
+def step_row(backbone: str, batch: int, launch: str, seconds: dict, peaks: dict | None) -> dict:
+    row = {"backbone": backbone, "batch": batch, "launch": launch}
+    row.update({f"{name}_ms": 1e3 * s for name, s in seconds.items()})
+    row.update({f"ratio_{name}": s / seconds["plain"] for name, s in seconds.items() if name != "plain"})
+    row["peak_bytes"] = peaks
+    log(row)
+    return row
 
 
 def peak_bytes(fn, setup, device: str) -> int:
@@ -323,6 +351,8 @@ def run(args) -> dict:
 # ---------------------------------------------------------------------------------------------- report
 NAMES = {"sdxl": "SDXL", "flux": "Flux"}
 STATUS = {True: "met", False: "**not met**", None: "not measured"}
+LAUNCH_SUFFIX = {"eager": "", "cuda_graph": " (CUDA graph replay)"}
+LAUNCH_NAMES = {"eager": "eager", "cuda_graph": "CUDA graph"}
 
 
 def targets(result: dict) -> list[dict]:
@@ -333,6 +363,7 @@ def targets(result: dict) -> list[dict]:
         if "ratio_user_guidance_layout" in r:
             measured += f"; guidance layout: {r['ratio_user_guidance_layout']:.3f}x"
         name = f"personalized {NAMES[r['backbone']]} step <= {TARGETS['step_ratio']}x plain, batch {r['batch']}"
+        name += LAUNCH_SUFFIX[r.get("launch", "eager")]
         rows.append({"target": name, "measured": measured + ")", "met": r["ratio_user"] <= TARGETS["step_ratio"]})
     dpo = result.get("dpo")
     if dpo:
@@ -360,14 +391,15 @@ def tables(result: dict) -> list[str]:
     lines = []
     if result.get("rows"):
         lines += [
-            "| denoising step | batch | plain (ms) | adapter attached, no user (ms) | user on every row (ms) | "
-            "guidance layout (ms) | peak plain / user (GiB) |",
-            "|---|---|---|---|---|---|---|",
+            "| denoising step | batch | launch | plain (ms) | adapter attached, no user (ms) | "
+            "user on every row (ms) | guidance layout (ms) | peak plain / user (GiB) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in result["rows"]:
             peaks = r["peak_bytes"] or {}
             lines.append(
-                f"| {NAMES[r['backbone']]} | {r['batch']} | {r['plain_ms']:.2f} | "
+                f"| {NAMES[r['backbone']]} | {r['batch']} | {LAUNCH_NAMES[r.get('launch', 'eager')]} | "
+                f"{r['plain_ms']:.2f} | "
                 + " | ".join(_step_cell(r, name) for name in ("attached_no_user", "user", "user_guidance_layout"))
                 + f" | {_gib(peaks.get('plain'))} / {_gib(peaks.get('user'))} |"
             )
@@ -430,8 +462,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 3; --tiny 1)")
     parser.add_argument("--dpo-pairs", type=int, default=4, help="pairs of the SDXL DPO step; 0 skips it")
     parser.add_argument("--dpo-rounds", type=int, help="timed DPO steps (default 3; --tiny 1)")
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also time every step variant replayed as a CUDA graph: the GPU time without the host's launches",
+    )
     parser.add_argument("--output", help="JSON to write; its markdown table is written beside it (.md)")
     args = parser.parse_args(argv)
+    if args.cuda_graphs and args.tiny:
+        parser.error("--cuda-graphs needs a GPU: it cannot run with --tiny")
     for name, full, tiny in (("rounds", 20, 15), ("warmup", 3, 1), ("dpo_rounds", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)

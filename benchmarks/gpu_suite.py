@@ -19,8 +19,8 @@ drops any; once the budget is spent the rest are skipped and say so):
 - ``encoder``: a LLaVA-OneVision 0.5B user embedding of 4 pairs (8 images), full depth and truncated at
   layer 12 (``bench_encoder.time_encoders``);
 - ``backbones``: the personalized SDXL (1024 px) and Flux (12B, 1024 px) denoising steps against the plain ones
-  at batch 2 and 8, and the memory of an SDXL adapter-only DPO step of 4 pairs with checkpointing
-  (``bench_backbones``, with fewer rounds than that script's default);
+  at batch 2 and 8, eager and (GPU) replayed as CUDA graphs, and the memory of an SDXL adapter-only DPO step of
+  4 pairs with checkpointing (``bench_backbones``, with fewer rounds than that script's default);
 - ``training_compiled``: the trainer's step at 16 pairs with ``--torch_compile``;
 - ``prior_whole_graph``: the prior of one image after ``pipe.compile_prior(regional=False)`` (one graph for
   the plain and one for the personalized prior: minutes of compiling, the fastest small-batch steps);
@@ -81,9 +81,9 @@ SECTIONS = ("step", "prior", "training", "encoder", "backbones", "compile", "ste
 SECTIONS += ("training_compiled", "prior_whole_graph", "evaluation")
 # rough seconds each section needs at full size on an H100/H200, to skip one that cannot finish in the budget
 ESTIMATE_S = dict(step=30, prior=25, compile=120, step_compiled=20, prior_compiled=15, training=120, encoder=60)
-# backbones: building Flux (12B) and SDXL on the GPU, ~10 rounds of 3 (SDXL 4) step variants, 3 DPO steps (an
-# estimate: not run on a GPU yet)
-ESTIMATE_S.update(backbones=150)
+# backbones: building Flux (12B) and SDXL on the GPU, ~10 rounds of 3 (SDXL 4) step variants, 3 DPO steps (93 s on
+# an H200), then the same variants as CUDA graph replays (~70 s more, mostly Flux at batch 8)
+ESTIMATE_S.update(backbones=180)
 ESTIMATE_S.update(training_compiled=90, prior_whole_graph=200, evaluation=150)
 TARGETS = dict(step_ratio=1.03, prior_s=0.7, pairs_per_s=14.0, ckpt_4_pairs_bytes=24e9, encoder_layer12_ms=37.0)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -309,6 +309,7 @@ def time_backbones(args) -> dict:
     argv = (["--tiny"] if args.tiny else []) + ["--batch-sizes", *map(str, args.batch_sizes)]
     argv += ["--rounds", str(args.backbone_rounds), "--warmup", str(args.backbone_warmup)]
     argv += ["--dpo-pairs", str(args.backbone_dpo_pairs), "--dpo-rounds", "1" if args.tiny else "3"]
+    argv += [] if args.tiny else ["--cuda-graphs"]
     result = bench_backbones.run(bench_backbones.parse_args(argv))
     return {key: result[key] for key in ("settings", "models", "rows", "dpo")}
 

@@ -123,15 +123,28 @@ def test_targets_are_judged_against_1_03x_and_24_gb(bench):
     }
     assert bench.targets({"dpo": dict(dpo, peak_bytes=None)})[0]["met"] is None  # the CPU measures no peak
     table = "\n".join(bench.tables({"rows": rows, "dpo": dpo}))
-    assert "| SDXL | 2 | 100.00 | 100.50 (1.005x) | 102.00 (1.020x) | - | 2.0 / 4.0 |" in table
+    assert "| SDXL | 2 | eager | 100.00 | 100.50 (1.005x) | 102.00 (1.020x) | - | 2.0 / 4.0 |" in table
     assert "| 4 (8) | 2.000 | 2.00 | 15.00 |" in table
 
 
+def test_cuda_graph_rows_are_judged_and_shown_beside_the_eager_ones(bench):
+    graph = dict(_row("sdxl", 2, 1.025), launch="cuda_graph", peak_bytes=None)
+    rows = [dict(_row("sdxl", 2, 1.2), launch="eager"), graph]
+    targets = bench.targets({"rows": rows})
+    assert [(t["target"], t["met"]) for t in targets] == [
+        ("personalized SDXL step <= 1.03x plain, batch 2", False),
+        ("personalized SDXL step <= 1.03x plain, batch 2 (CUDA graph replay)", True),
+    ]
+    table = bench.tables({"rows": rows})
+    assert table[3] == "| SDXL | 2 | CUDA graph | 100.00 | 100.50 (1.005x) | 102.50 (1.025x) | - | - / - |"
+
+
 def test_bad_arguments_are_refused(bench, capsys):
-    for argv in (["--rounds", "0"], ["--batch-sizes", "2", "0"], ["--backbones", "stage_c"]):
+    for argv in (["--rounds", "0"], ["--batch-sizes", "2", "0"], ["--backbones", "stage_c"], ["--cuda-graphs"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--tiny", *argv])
-    assert "--rounds must be positive" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--rounds must be positive" in err and "--cuda-graphs needs a GPU" in err
 
 
 def test_full_size_without_a_gpu_refuses_clearly(bench, monkeypatch):

@@ -96,7 +96,7 @@ def test_the_backbones_section_is_judged_and_tabulated(suite):
     table = suite.markdown(result)
     assert "| SDXL adapter-only DPO step of 4 pairs with checkpointing <= 24 GB | 30.00 GB | **not met** |" in table
     assert "SDXL 128 x 128 latents and 77 text tokens" in table
-    assert "| Flux | 8 | 2000.00 | 2000.00 (1.000x) | 2100.00 (1.050x) | - | 8.0 / - |" in table
+    assert "| Flux | 8 | eager | 2000.00 | 2000.00 (1.000x) | 2100.00 (1.050x) | - | 8.0 / - |" in table
 
 
 def test_budget_and_skip_leave_sections_out_and_say_why(tmp_path):
