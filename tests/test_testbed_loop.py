@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ppd_diffusers.testbed.evaluate import bootstrap_ci, identification_probe, win_rates
-from ppd_diffusers.testbed.loop import PairPool, user_pairs
+from ppd_diffusers.testbed.loop import PairPool, TestbedConfig, user_pairs
 from ppd_diffusers.testbed.report import interpolation_figure, multi_reward_figure
 from ppd_diffusers.testbed.rewards import RewardScaler, SyntheticUser, random_users
 from ppd_diffusers.testbed.training import StratifiedStageCObjective, _ema_update
@@ -115,3 +115,34 @@ def test_ema_update_warms_up_then_averages():
     assert averaged[0].item() == pytest.approx(0.9)
     _ema_update(averaged, adapter, decay=0.9, step=1000)  # the decay itself
     assert averaged[0].item() == pytest.approx(0.9 + (1 - 0.9) * (1.0 - 0.9))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tie_margin", -0.5),
+        ("ema_decay", 1.0),
+        ("ema_decay", -0.1),
+        ("learning_rate", 0.0),
+        ("beta", -1.0),
+        ("user_dropout", 1.0),
+        ("user_guidance_scale", -1.0),
+        ("timestep_weighting", "snr"),
+        ("workers", 0),
+        ("dpo_steps", 2.5),
+        ("pool_per_prompt", 1),
+        ("probe_draws", 1),
+        ("sample_steps", True),
+        ("prompts", []),
+    ],
+)
+def test_a_bad_config_value_is_refused_naming_its_field(field, value):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        TestbedConfig(**{field: value})
+
+
+def test_the_shipped_configs_and_their_edge_values_are_accepted():
+    for config in (TestbedConfig.quick(3), TestbedConfig.full(3)):
+        assert config.seed == 3
+    edges = dict(tie_margin=0.0, ema_decay=0.0, user_guidance_scale=None, user_dropout=0.0, eval_train_users=0)
+    assert TestbedConfig(**edges).tie_margin == 0.0

@@ -84,6 +84,8 @@ def test_cli_refuses_bad_arguments_before_any_compute(tmp_path):
     cases = [
         (["testbed", "--quick", "--seed", "-1"], "argument --seed: must be at least 0, got -1"),
         (["testbed", "--quick", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
+        (["testbed", "--quick", "--seed", "3", "4", "3"], "argument --seed: the seeds must differ, got 3 4 3"),
+        (["testbed", "--quick", "--resume"], "argument --resume: only with several seeds"),
         (["testbed", "--quick", "--out", str(blocked / "report")], "--out"),
         (["train-testbed-base", "--output", str(tmp_path / "b"), "--batch_size", "0"], "must be at least 1, got 0"),
         (["train-testbed-encoder", "--output", str(tmp_path / "e"), "--steps", "x"], "expected an integer, got 'x'"),

@@ -43,7 +43,18 @@ def main(argv: list[str] | None = None) -> None:
     testbed = commands.add_parser("testbed", help="run the synthetic-user testbed and write its report")
     testbed.add_argument("--quick", action="store_true", help="the small configuration (minutes on a laptop CPU)")
     testbed.add_argument("--out", default="testbed-report", help="output folder")
-    testbed.add_argument("--seed", type=_count(0), default=0)
+    testbed.add_argument(
+        "--seed",
+        type=_count(0),
+        nargs="+",
+        default=[0],
+        help="one seed, or several: a report per seed in OUT/seed-<seed> and their summary in OUT/seeds.md",
+    )
+    testbed.add_argument(
+        "--resume",
+        action="store_true",
+        help="with several seeds: keep each seed's report already in OUT/seed-<seed> from the same configuration",
+    )
     testbed.add_argument("--base_model", help="a base-model pipeline folder (default: the shipped one)")
     testbed.add_argument("--encoder", help="a CLIP checkpoint folder for the preference encoder (default: shipped)")
     testbed.add_argument(
@@ -62,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     encoder.add_argument("--seed", type=_count(0), default=0)
     args = parser.parse_args(argv)
     if args.command == "testbed":
+        if args.resume and len(args.seed) == 1:
+            parser.error("argument --resume: only with several seeds (--seed 17 18 19)")
+        if len(set(args.seed)) != len(args.seed):
+            parser.error(f"argument --seed: the seeds must differ, got {' '.join(map(str, args.seed))}")
         _check_writable(parser, "--out", args.out)
     else:
         _check_writable(parser, "--output", args.output)
@@ -73,12 +88,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "testbed":
         from .testbed.loop import TestbedConfig
         from .testbed.run import run_testbed
+        from .testbed.seeds import run_testbed_seeds
 
-        config = TestbedConfig.quick(args.seed) if args.quick else TestbedConfig.full(args.seed)
+        seed, *more = args.seed
+        config = TestbedConfig.quick(seed) if args.quick else TestbedConfig.full(seed)
         config.workers = args.workers
-        report = run_testbed(config, args.out, base_model=args.base_model, encoder=args.encoder)
-        print((Path(args.out) / "report.md").read_text())  # the command's output is the report
-        logging.getLogger("ppd_diffusers").info("report written to %s (%.0f s)", args.out, report["seconds"])
+        models = dict(base_model=args.base_model, encoder=args.encoder)
+        if more:
+            mode = "quick" if args.quick else "full"
+            summary = run_testbed_seeds(config, args.seed, args.out, mode, **models, resume=args.resume)
+            print((Path(args.out) / "seeds.md").read_text())
+            seconds = sum(summary["figures"]["seconds"]["values"])
+            logging.getLogger("ppd_diffusers").info("reports written to %s (%.0f s)", args.out, seconds)
+        else:
+            report = run_testbed(config, args.out, **models)
+            print((Path(args.out) / "report.md").read_text())  # the command's output is the report
+            logging.getLogger("ppd_diffusers").info("report written to %s (%.0f s)", args.out, report["seconds"])
     elif args.command == "train-testbed-base":
         from .testbed.base_model import train_base_model
 

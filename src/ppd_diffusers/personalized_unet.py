@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import StableCascadeUNet
 from diffusers.models.unets.unet_stable_cascade import StableCascadeUNetOutput
@@ -107,7 +109,7 @@ class PersonalizedStageC(PersonalizedModel):
         )
         return out if return_dict else (out.sample,)
 
-    def compile_repeated_blocks(self, **compile_kwargs) -> PersonalizedStageC:
+    def compile_repeated_blocks(self, **compile_kwargs: Any) -> PersonalizedStageC:
         """Compiles the UNet's blocks and the personalized attention in place (regional compilation).
 
         The counterpart of diffusers' ``ModelMixin.compile_repeated_blocks``: every residual, timestep and

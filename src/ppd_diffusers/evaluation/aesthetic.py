@@ -88,7 +88,12 @@ class AestheticScorer(RewardScorer):
     needs_prompts = False
 
     def __init__(
-        self, clip_model: Any, image_processor: Any, mlp: AestheticMLP, batch_size: int = 32, show_progress=True
+        self,
+        clip_model: Any,
+        image_processor: Any,
+        mlp: AestheticMLP,
+        batch_size: int = 32,
+        show_progress: bool = True,
     ):
         super().__init__(batch_size=batch_size, show_progress=show_progress)
         width = clip_model.config.projection_dim

@@ -169,7 +169,9 @@ class CLIPSimilarityScorer(RewardScorer):
         show_progress: Show a progress bar when there is more than one batch.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, batch_size: int = 32, show_progress=True):
+    def __init__(
+        self, model: Any, tokenizer: Any, image_processor: Any, batch_size: int = 32, show_progress: bool = True
+    ):
         super().__init__(batch_size=batch_size, show_progress=show_progress)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer

@@ -10,6 +10,7 @@ from .loop import TestbedConfig
 from .rewards import REWARDS, RewardScaler, SyntheticUser, random_users, single_reward_users
 from .run import run_testbed
 from .scheduler import ClippedDDPMWuerstchenScheduler
+from .seeds import run_testbed_seeds, seeds_markdown, summarize_seeds
 from .training import StratifiedStageCObjective, TrainingJob, train_adapters
 
 __all__ = [
@@ -28,7 +29,10 @@ __all__ = [
     "multi_reward_experiment",
     "random_users",
     "run_testbed",
+    "run_testbed_seeds",
+    "seeds_markdown",
     "single_reward_users",
+    "summarize_seeds",
     "train_adapters",
     "train_base_model",
     "train_testbed_encoder",

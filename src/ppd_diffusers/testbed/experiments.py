@@ -11,6 +11,7 @@ pairs each; one PPD adapter and pooled DPO with the same steps; held-out users s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,10 @@ from .loop import PairPool, TestbedConfig, user_pairs
 from .rewards import REWARDS, SyntheticUser, random_users, single_reward_users
 from .shapes import to_pixels
 from .training import TrainingJob, train_adapters
+
+if TYPE_CHECKING:
+    from ..clip_preference_encoder import CLIPPreferenceEncoder
+    from ..pipeline_personalized_stable_cascade import PersonalizedStableCascadePipeline
 
 __all__ = ["DOMINANT_WEIGHT", "MultiRewardModels", "interpolation", "mixture_experiment", "multi_reward_experiment"]
 
@@ -76,7 +81,11 @@ class MultiRewardModels:
 
 
 def multi_reward_experiment(
-    pipe, pool: PairPool, encoder, config: TestbedConfig, rng: np.random.Generator
+    pipe: PersonalizedStableCascadePipeline,
+    pool: PairPool,
+    encoder: CLIPPreferenceEncoder,
+    config: TestbedConfig,
+    rng: np.random.Generator,
 ) -> tuple[dict, MultiRewardModels]:
     """The paper's multi-reward table in miniature (see the module docstring).
 
@@ -152,7 +161,13 @@ def multi_reward_experiment(
     )
 
 
-def mixture_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng: np.random.Generator) -> dict:
+def mixture_experiment(
+    pipe: PersonalizedStableCascadePipeline,
+    pool: PairPool,
+    encoder: CLIPPreferenceEncoder,
+    config: TestbedConfig,
+    rng: np.random.Generator,
+) -> dict:
     """Random-mixture users: PPD and pooled DPO with the same steps, win rates per user group and per axis.
 
     Args:
@@ -216,7 +231,15 @@ def mixture_experiment(pipe, pool: PairPool, encoder, config: TestbedConfig, rng
     }
 
 
-def interpolation(pipe, pool: PairPool, config: TestbedConfig, adapter, embeds: torch.Tensor, a: int, b: int) -> dict:
+def interpolation(
+    pipe: PersonalizedStableCascadePipeline,
+    pool: PairPool,
+    config: TestbedConfig,
+    adapter: UserAdapter,
+    embeds: torch.Tensor,
+    a: int,
+    b: int,
+) -> dict:
     """Mean standardized rewards as the embedding moves in a straight line from reward-user ``a`` to ``b``.
 
     Args:

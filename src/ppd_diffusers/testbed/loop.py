@@ -87,6 +87,33 @@ class TestbedConfig:
     interpolation_weights: int = 5
     prompts: list[str] = field(default_factory=prompts)
 
+    def __post_init__(self) -> None:
+        # a wrong value would otherwise run for minutes and fail far away, or not at all (a negative tie margin
+        # keeps every pair, a decay of 1 evaluates the initial adapter)
+        problems = [
+            f"`{name}` must be an integer >= {low}, got {getattr(self, name)!r}"
+            for name, low in _AT_LEAST.items()
+            if not _int_at_least(getattr(self, name), low)
+        ]
+        ranges = {
+            "tie_margin": self.tie_margin >= 0,
+            "learning_rate": self.learning_rate > 0,
+            "beta": self.beta > 0,
+            "guidance_scale": self.guidance_scale >= 0,
+            "user_guidance_scale": self.user_guidance_scale is None or self.user_guidance_scale >= 0,
+            "user_dropout": 0 <= self.user_dropout < 1,
+            "ema_decay": 0 <= self.ema_decay < 1,
+            "timestep_weighting": self.timestep_weighting in ("constant", "min_snr"),
+            "prompts": len(self.prompts) > 0,
+        }
+        problems += [f"`{name}` is out of range: {getattr(self, name)!r}" for name, ok in ranges.items() if not ok]
+        if problems:
+            raise ValueError(
+                "TestbedConfig: " + "; ".join(problems) + " (tie_margin >= 0, learning_rate and beta > 0, "
+                "guidance scales >= 0, 0 <= user_dropout < 1, 0 <= ema_decay < 1, timestep_weighting 'constant' "
+                "or 'min_snr', at least one prompt)."
+            )
+
     @classmethod
     def quick(cls, seed: int = 0) -> TestbedConfig:
         return cls(seed=seed)
@@ -98,6 +125,19 @@ class TestbedConfig:
             reward_eval_samples=48, num_train_users=384, num_heldout_users=48, train_pairs_per_user=16,
             dpo_steps=300, eval_samples_per_user=12, eval_train_users=28, probe_users=96, interpolation_weights=7,
         )  # fmt: skip
+
+
+# the integer fields and their least values: counts of at least 1, except those that may be switched off
+_AT_LEAST = dict(
+    seed=0, pool_per_prompt=2, sample_steps=1, profile_pairs=1, pairs_per_step=1, workers=1, num_user_tokens=1,
+    user_token_dim=1, reward_user_pairs=1, reward_steps=1, reward_eval_samples=1, num_train_users=1,
+    num_heldout_users=1, train_pairs_per_user=1, dpo_steps=1, eval_samples_per_user=1, eval_train_users=0,
+    probe_users=2, probe_draws=2, interpolation_weights=2,
+)  # fmt: skip
+
+
+def _int_at_least(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 # candidate batches `user_pairs` draws before it gives up on finding enough pairs that are not ties

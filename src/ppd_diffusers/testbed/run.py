@@ -72,8 +72,7 @@ def run_testbed(
     phase_done("mixtures")
 
     report = {
-        # `workers` changes how long the run takes, not what it finds: the report leaves it out
-        "config": {k: v for k, v in vars(config).items() if k not in ("prompts", "workers")},
+        "config": report_config(config),
         "multi_reward": multi,
         "mixtures": mixture,
         "identification_probe": probe,
@@ -83,6 +82,12 @@ def run_testbed(
     }
     write_report(report, out, models.samples)
     return report
+
+
+def report_config(config: TestbedConfig) -> dict:
+    """The configuration as a report records it: every field but ``prompts`` (fixed by the domain) and
+    ``workers``, which changes how long a run takes, not what it finds."""
+    return {k: v for k, v in vars(config).items() if k not in ("prompts", "workers")}
 
 
 def _probe(encoder, pool, config: TestbedConfig) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from ..loss import PPDLoss
 from ..training.dpo_step import ppd_dpo_step
 from ..training.objectives import StageCObjective
 from .loop import PairPool, TestbedConfig, UserPairs
+
+if TYPE_CHECKING:
+    from ..pipeline_personalized_stable_cascade import PersonalizedStableCascadePipeline
 
 __all__ = ["StratifiedStageCObjective", "TrainingJob", "train_adapters"]
 
@@ -57,7 +61,12 @@ class StratifiedStageCObjective(StageCObjective):
 
 
 def train_adapters(
-    pipe, pool: PairPool, jobs: list[TrainingJob], embed_dim: int, config: TestbedConfig, steps: int
+    pipe: PersonalizedStableCascadePipeline,
+    pool: PairPool,
+    jobs: list[TrainingJob],
+    embed_dim: int,
+    config: TestbedConfig,
+    steps: int,
 ) -> list[UserAdapter]:
     """One ``UserAdapter`` per job, each trained for ``steps`` steps of ``config.pairs_per_step`` pairs.
 

@@ -81,7 +81,7 @@ class DPOObjective:
         raise NotImplementedError
 
     def predict(
-        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, Any], **user
+        self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, Any], **user: Any
     ) -> torch.Tensor:
         """The model's output for ``noisy`` latents, in their layout.
 
