@@ -67,7 +67,7 @@ def run_testbed_seeds(
         kept = _finished_report(folder, seed_config) if resume else None
         if kept is not None:
             logger.info("Seed %d: keeping the report in %s", seed, folder)
-        reports[seed] = kept or run_testbed(seed_config, folder, base_model, encoder)
+        reports[seed] = kept if kept is not None else run_testbed(seed_config, folder, base_model, encoder)
     summary = summarize_seeds(reports, mode)
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps(summary, indent=2) + "\n")
