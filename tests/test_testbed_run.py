@@ -87,6 +87,8 @@ def test_cli_refuses_bad_arguments_before_any_compute(tmp_path):
         (["testbed", "--quick", "--seed", "3", "4", "3"], "argument --seed: the seeds must differ, got 3 4 3"),
         (["testbed", "--quick", "--resume"], "argument --resume: only with several seeds"),
         (["testbed", "--quick", "--out", str(blocked / "report")], "--out"),
+        (["testbed-oracles", "--quick", "--out", str(blocked / "oracles")], "is not a writable folder"),
+        (["testbed-oracles", "--seed", "-2"], "argument --seed: must be at least 0, got -2"),
         (["train-testbed-base", "--output", str(tmp_path / "b"), "--batch_size", "0"], "must be at least 1, got 0"),
         (["train-testbed-encoder", "--output", str(tmp_path / "e"), "--steps", "x"], "expected an integer, got 'x'"),
     ]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from ppd_diffusers.testbed.loop import TestbedConfig
-from ppd_diffusers.testbed.seeds import run_testbed_seeds, seeds_markdown, summarize_seeds
+from ppd_diffusers.testbed.seeds import _mode_of, run_testbed_seeds, seeds_markdown, summarize_seeds
 
 from .test_testbed_run import MICRO
 
@@ -80,9 +80,22 @@ def test_bad_seeds_or_mode_are_refused_before_any_run(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_the_mode_is_the_preset_the_configuration_is_whatever_its_seed_and_workers(tmp_path):
+    assert _mode_of(TestbedConfig.quick(seed=18)) == "quick"
+    full = TestbedConfig.full(seed=19)
+    full.workers = 1  # how long a run takes, not what it finds
+    assert _mode_of(full) == "full"
+    changed = replace(TestbedConfig.full(), dpo_steps=200)  # neither preset: judged against which share?
+    with pytest.raises(ValueError, match="pass mode='quick' or mode='full'"):
+        run_testbed_seeds(changed, [1, 2], tmp_path)
+    with pytest.raises(ValueError, match="neither"):
+        _mode_of(replace(TestbedConfig.quick(), prompts=["a red circle"]))
+    assert not any(tmp_path.iterdir())
+
+
 def test_micro_runs_on_two_seeds_write_each_report_and_a_summary_read_from_them(tmp_path):
     config = replace(TestbedConfig.quick(), **MICRO)
-    summary = run_testbed_seeds(config, [2, 5], tmp_path, "quick")
+    summary = run_testbed_seeds(config, [2, 5], tmp_path, "quick")  # MICRO is neither preset
     reports = [json.loads((tmp_path / f"seed-{s}" / "report.json").read_text()) for s in (2, 5)]
     assert [r["config"]["seed"] for r in reports] == [2, 5]
     assert json.loads((tmp_path / "seeds.json").read_text()) == summary

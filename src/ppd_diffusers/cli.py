@@ -4,6 +4,7 @@ shipped models (``train-testbed-base``, ``train-testbed-encoder``)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tempfile
@@ -61,6 +62,14 @@ def main(argv: list[str] | None = None) -> None:
     testbed.add_argument(
         "--workers", type=_count(1), default=2, help="adapters trained at once, one core each (the report is the same)"
     )
+    oracles = commands.add_parser(
+        "testbed-oracles",
+        help="the testbed's mixture experiment with the encoder and with oracle user embeddings (diagnosis step 15)",
+    )
+    oracles.add_argument("--quick", action="store_true", help="the small configuration")
+    oracles.add_argument("--seed", type=_count(0), default=0)
+    oracles.add_argument("--out", default="testbed-oracles", help="output folder (oracles.json, oracles.md)")
+    oracles.add_argument("--workers", type=_count(1), default=2, help="adapters trained at once, one core each")
     base = commands.add_parser("train-testbed-base", help="train the testbed's base model from scratch")
     base.add_argument("--output", required=True, help="pipeline folder to write")
     base.add_argument("--steps", type=_count(1), default=4000)
@@ -78,9 +87,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("argument --resume: only with several seeds (--seed 17 18 19)")
         if len(set(args.seed)) != len(args.seed):
             parser.error(f"argument --seed: the seeds must differ, got {' '.join(map(str, args.seed))}")
-        _check_writable(parser, "--out", args.out)
-    else:
-        _check_writable(parser, "--output", args.output)
+    testbed_run = args.command.startswith("testbed")  # the runs write --out, the trainings --output
+    _check_writable(parser, *(("--out", args.out) if testbed_run else ("--output", args.output)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import torch
@@ -97,8 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         models = dict(base_model=args.base_model, encoder=args.encoder)
         if more:
             start = time.perf_counter()  # this call's time: reports kept by --resume took theirs earlier
-            mode = "quick" if args.quick else "full"
-            run_testbed_seeds(config, args.seed, args.out, mode, **models, resume=args.resume)
+            run_testbed_seeds(config, args.seed, args.out, **models, resume=args.resume)
             print((Path(args.out) / "seeds.md").read_text())
             seconds = time.perf_counter() - start
             logging.getLogger("ppd_diffusers").info("reports written to %s (%.0f s)", args.out, seconds)
@@ -106,6 +113,16 @@ def main(argv: list[str] | None = None) -> None:
             report = run_testbed(config, args.out, **models)
             print((Path(args.out) / "report.md").read_text())  # the command's output is the report
             logging.getLogger("ppd_diffusers").info("report written to %s (%.0f s)", args.out, report["seconds"])
+    elif args.command == "testbed-oracles":
+        from .testbed.loop import TestbedConfig
+        from .testbed.oracles import mixture_oracles, oracles_markdown
+
+        config = TestbedConfig.quick(args.seed) if args.quick else TestbedConfig.full(args.seed)
+        config.workers = args.workers
+        results = mixture_oracles(config)
+        (Path(args.out) / "oracles.json").write_text(json.dumps(results, indent=2) + "\n")
+        (Path(args.out) / "oracles.md").write_text(table := oracles_markdown(results))
+        print(table)
     elif args.command == "train-testbed-base":
         from .testbed.base_model import train_base_model
 

@@ -7,6 +7,7 @@ from .base_model import load_base_pipeline, train_base_model
 from .encoder import describe, train_testbed_encoder
 from .experiments import MultiRewardModels, interpolation, mixture_experiment, multi_reward_experiment
 from .loop import TestbedConfig
+from .oracles import ORACLES, mixture_oracles, oracle_embeddings, oracles_markdown
 from .rewards import REWARDS, RewardScaler, SyntheticUser, random_users, single_reward_users
 from .run import run_testbed
 from .scheduler import ClippedDDPMWuerstchenScheduler
@@ -14,6 +15,7 @@ from .seeds import run_testbed_seeds, seeds_markdown, summarize_seeds
 from .training import StratifiedStageCObjective, TrainingJob, train_adapters
 
 __all__ = [
+    "ORACLES",
     "REWARDS",
     "ClippedDDPMWuerstchenScheduler",
     "MultiRewardModels",
@@ -26,7 +28,10 @@ __all__ = [
     "interpolation",
     "load_base_pipeline",
     "mixture_experiment",
+    "mixture_oracles",
     "multi_reward_experiment",
+    "oracle_embeddings",
+    "oracles_markdown",
     "random_users",
     "run_testbed",
     "run_testbed_seeds",

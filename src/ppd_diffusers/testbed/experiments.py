@@ -10,6 +10,7 @@ pairs each; one PPD adapter and pooled DPO with the same steps; held-out users s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from .evaluate import (
     standardized_rewards,
     win_rates,
 )
-from .loop import PairPool, TestbedConfig, user_pairs
+from .loop import PairPool, TestbedConfig, UserPairs, user_pairs
 from .rewards import REWARDS, SyntheticUser, random_users, single_reward_users
 from .shapes import to_pixels
 from .training import TrainingJob, train_adapters
@@ -51,10 +52,11 @@ def _draw(pool: PairPool, users: list[SyntheticUser], count: int, config: Testbe
     return [d.split(config.profile_pairs)[0] for d in drawn], [d.split(config.profile_pairs)[1] for d in drawn]
 
 
-def _ppd_and_pooled_jobs(training: list, embeds: torch.Tensor, name: str) -> list[TrainingJob]:
-    """PPD on the users' own embeddings and pooled DPO (one constant embedding) on the same pairs."""
-    constant = _no_user(embeds).expand(len(training), -1, -1)
-    return [TrainingJob(training, embeds, f"{name} PPD"), TrainingJob(training, constant, "pooled DPO")]
+def _ppd_and_pooled_jobs(training: list, embeds: torch.Tensor, constant: torch.Tensor, name: str) -> list[TrainingJob]:
+    """PPD on the users' own embeddings and pooled DPO (``constant``, ``_no_user``'s row, for all) on the same
+    pairs."""
+    everyone = constant.expand(len(training), -1, -1)
+    return [TrainingJob(training, embeds, f"{name} PPD"), TrainingJob(training, everyone, "pooled DPO")]
 
 
 def _win_summary(rates: np.ndarray, seed: int) -> dict:
@@ -108,7 +110,7 @@ def multi_reward_experiment(
     embeds = encode_profiles(encoder, pool, profiles, config)
     steps = config.reward_steps
     constant = _no_user(embeds)
-    jobs = _ppd_and_pooled_jobs(training, embeds, "multi-reward")
+    jobs = _ppd_and_pooled_jobs(training, embeds, constant, "multi-reward")
     jobs += [TrainingJob([training[k]], constant, f"{u.name} DPO") for k, u in enumerate(users)]
     ppd, pooled, *bounds = train_adapters(pipe, pool, jobs, encoder.embed_dim, config, steps)
 
@@ -167,6 +169,7 @@ def mixture_experiment(
     encoder: CLIPPreferenceEncoder,
     config: TestbedConfig,
     rng: np.random.Generator,
+    embed: Callable[[list[UserPairs]], torch.Tensor] | None = None,
 ) -> dict:
     """Random-mixture users: PPD and pooled DPO with the same steps, win rates per user group and per axis.
 
@@ -177,6 +180,8 @@ def mixture_experiment(
         config: ``num_train_users``, ``train_pairs_per_user``, ``num_heldout_users``, ``dpo_steps`` and the
             evaluation sizes.
         rng: Draws the users' weights and pairs.
+        embed: Embeds users from their profile pairs, the ``encoder`` by default (``oracles.oracle_embeddings``
+            gives embeddings that know more).
 
     Returns:
         The report section: win-rate summaries (mean, 95 % bootstrap interval, user count) of held-out users,
@@ -188,12 +193,16 @@ def mixture_experiment(
     heldout_users = random_users(config.num_heldout_users, np.random.default_rng(config.seed + 1), "heldout")
     profiles, training = _draw(pool, train_users, config.train_pairs_per_user, config, rng)
     heldout_profiles = [user_pairs(pool, u, config.profile_pairs, rng, config.tie_margin) for u in heldout_users]
-    train_embeds = encode_profiles(encoder, pool, profiles, config)
-    heldout_embeds = encode_profiles(encoder, pool, heldout_profiles, config)
+    if embed is None:
+
+        def embed(users: list[UserPairs]) -> torch.Tensor:
+            return encode_profiles(encoder, pool, users, config)
+
+    train_embeds, heldout_embeds = embed(profiles), embed(heldout_profiles)
 
     steps = config.dpo_steps
     constant = _no_user(train_embeds)
-    jobs = _ppd_and_pooled_jobs(training, train_embeds, "mixture")
+    jobs = _ppd_and_pooled_jobs(training, train_embeds, constant, "mixture")
     ppd, pooled = train_adapters(pipe, pool, jobs, encoder.embed_dim, config, steps)
 
     evaluated = len(singles) + config.eval_train_users
