@@ -79,7 +79,9 @@ def mixture_oracles(
 
     Args:
         config: The testbed configuration (``TestbedConfig.quick(seed)`` or ``.full(seed)``).
-        kinds: ``"encoder"`` (the testbed's own run) and any of ``ORACLES``.
+        kinds: ``"encoder"`` (the testbed's own embeddings) and any of ``ORACLES``. Every kind draws its users
+            and pairs from a generator seeded afresh, so they differ from those of ``run_testbed``'s report on
+            the same seed (which draws the multi-reward experiment's first).
         base_model: As ``run_testbed``'s.
         encoder: As ``run_testbed``'s.
 
