@@ -25,6 +25,7 @@ from .encoder import ENCODER_DIR
 from .evaluate import encode_profiles
 from .experiments import mixture_experiment
 from .loop import PairPool, TestbedConfig, UserPairs, make_pool
+from .report import _ci
 
 __all__ = ["ORACLES", "mixture_oracles", "oracle_embeddings", "oracles_markdown"]
 
@@ -109,8 +110,8 @@ def mixture_oracles(
 
 
 def oracles_markdown(results: dict[str, dict]) -> str:
-    """``mixture_oracles``' results as a markdown table: held-out users' win rates (95 % interval), users not
-    dominated by one reward, and each single-reward user, by kind of embedding."""
+    """``mixture_oracles``' results as a markdown table, a row per kind of embedding: the win rates (95 %
+    intervals) of held-out users and of those not dominated by one reward, and each single-reward user's."""
     lines = [
         "| embedding | held-out users | not dominated by one reward | single-reward users: "
         + " / ".join(next(iter(results.values()))["single_reward_users"])
@@ -118,12 +119,8 @@ def oracles_markdown(results: dict[str, dict]) -> str:
         "|---|---|---|---|",
     ]
     for kind, section in results.items():
-        heldout, mixed = section["heldout_users"], section["heldout_mixed_users"]["win_rate_mean"]
-        low, high = heldout["win_rate_ci95"]
         singles = " / ".join(f"{100 * w:.0f}" for w in section["single_reward_users"].values())
-        mixed_cell = "-" if mixed is None else f"{100 * mixed:.0f} %"
         lines.append(
-            f"| {kind} | {100 * heldout['win_rate_mean']:.0f} % ({100 * low:.0f}-{100 * high:.0f} %) | {mixed_cell} "
-            f"| {singles} % |"
+            f"| {kind} | {_ci(section['heldout_users'])} | {_ci(section['heldout_mixed_users'])} | {singles} % |"
         )
     return "\n".join(lines) + "\n"
